@@ -1,0 +1,1 @@
+"""Alembic migrations of the event log schema, run by `vim.eventlog.migrating`."""
