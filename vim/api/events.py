@@ -1,0 +1,239 @@
+"""The `vim.v1.EventLog` service: the event log's global order, read-only, for clients.
+
+Watch catches up from a position and then follows live (it is a thin shell over
+`EventLog.subscribe`); ListEvents reads one batch; GetHead reads the newest
+position. Nothing here appends.
+
+Invariants:
+
+- Bad input never reaches the log and never surfaces as INTERNAL or UNKNOWN:
+  limits, positions and type/kind names are checked first and refused with
+  INVALID_ARGUMENT carrying a `google.rpc.BadRequest` that names every bad field.
+- `EventLogUnavailable` becomes UNAVAILABLE, which clients may retry (on another
+  node) with the same request.
+- A Watch ends only when the client cancels it (its subscription is then closed
+  in `finally`), or when the node drains for shutdown: then it ends with
+  UNAVAILABLE saying where to resume, so the client reconnects elsewhere and
+  loses nothing. Events are delivered in position order, each exactly once per
+  stream.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, NoReturn
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+from grpc_status import rpc_status
+
+from vim._gen.vim.v1 import common_pb2, events_pb2, events_pb2_grpc
+from vim.errors import (
+    DomainError,
+    FieldViolation,
+    InvalidInput,
+    NotFound,
+    Unavailable,
+    VersionConflict,
+    VimError,
+)
+from vim.eventlog import model
+from vim.eventlog.store import EventLog, Subscription
+
+SERVICE_NAME: str = events_pb2.DESCRIPTOR.services_by_name["EventLog"].full_name
+"""`vim.v1.EventLog`, as health checks and reflection name it."""
+
+DEFAULT_LIST_LIMIT = 100
+MAX_LIST_LIMIT = 1000
+MAX_FILTER_NAMES = 100
+MAX_POSITION = 2**63 - 1
+"""Positions are signed 64-bit in the database; a larger `after` is a client bug."""
+
+STREAM_KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+"""The `<kind>` part of `model.STREAM_ID_RE`."""
+
+_Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class EventLogServicer(events_pb2_grpc.EventLogServicer):
+    """Serves one event log; `drain()` ends every open Watch when the node stops."""
+
+    def __init__(self, log: EventLog) -> None:
+        self._log = log
+        self._watches: set[Subscription] = set()
+        self._draining = False
+
+    async def Watch(
+        self, request: events_pb2.WatchEventsRequest, context: _Context
+    ) -> AsyncIterator[events_pb2.RecordedEvent]:
+        """Every matching event after from_position, caught up and then live."""
+        try:
+            _refuse(
+                _position_violations("from_position", request.from_position)
+                + _name_violations("types", request.types, model.EVENT_TYPE_RE, "PascalCase")
+                + _name_violations("stream_kinds", request.stream_kinds, STREAM_KIND_RE, "kind")
+            )
+            await self._log.head()  # fail fast (UNAVAILABLE) rather than wait silently
+            sub = self._log.subscribe(
+                after=request.from_position,
+                types=list(request.types) or None,
+                kinds=list(request.stream_kinds) or None,
+            )
+            self._watches.add(sub)
+            try:
+                if not self._draining:  # drain() may have run before the add above
+                    async for event in sub:
+                        yield to_proto(event)
+            finally:
+                self._watches.discard(sub)
+                await sub.close()
+            raise Unavailable(
+                "this API node is shutting down; watch again from position "
+                f"{sub.position} on another node"
+            )
+        except VimError as exc:
+            await abort_for(context, exc)
+
+    async def ListEvents(
+        self, request: events_pb2.ListEventsRequest, context: _Context
+    ) -> events_pb2.ListEventsResponse:
+        """Up to `limit` matching events after `after`, and where to continue."""
+        try:
+            return await self._list(request)
+        except VimError as exc:
+            await abort_for(context, exc)
+
+    async def GetHead(
+        self, request: events_pb2.GetHeadRequest, context: _Context
+    ) -> events_pb2.GetHeadResponse:
+        """The newest position."""
+        try:
+            head = await self._log.head()
+        except VimError as exc:
+            await abort_for(context, exc)
+        return events_pb2.GetHeadResponse(head=common_pb2.LogPosition(position=head))
+
+    async def drain(self) -> None:
+        """End every open Watch with UNAVAILABLE, and refuse to follow new ones."""
+        self._draining = True
+        for sub in list(self._watches):
+            await sub.close()
+
+    async def _list(self, request: events_pb2.ListEventsRequest) -> events_pb2.ListEventsResponse:
+        violations = _position_violations("after", request.after) + _name_violations(
+            "types", request.types, model.EVENT_TYPE_RE, "PascalCase"
+        )
+        if request.limit > MAX_LIST_LIMIT:
+            violations.append(
+                FieldViolation("limit", f"limit {request.limit} exceeds the maximum {MAX_LIST_LIMIT}")
+            )
+        _refuse(violations)
+        limit = request.limit or DEFAULT_LIST_LIMIT
+        # Head first: positions commit in order without gaps, so a read that starts
+        # afterwards sees every event up to it, and a batch that is not full has
+        # scanned at least that far.
+        head = await self._log.head()
+        events = await self._log.read_all(
+            after=request.after, limit=limit, types=list(request.types) or None
+        )
+        last = events[-1].position if events else request.after
+        following = last if len(events) == limit else max(head, last)
+        return events_pb2.ListEventsResponse(
+            events=[to_proto(e) for e in events],
+            next=common_pb2.LogPosition(position=following),
+            head=common_pb2.LogPosition(position=max(head, following)),
+        )
+
+
+def to_proto(event: model.RecordedEvent) -> events_pb2.RecordedEvent:
+    """The wire form of a stored event (data as a Struct: JSON numbers become doubles)."""
+    msg = events_pb2.RecordedEvent(
+        position=event.position,
+        stream_id=event.stream_id,
+        version=event.version,
+        event_id=event.event_id,
+        type=event.type,
+        schema_version=event.schema_version,
+        metadata=metadata_to_proto(event.metadata),
+    )
+    msg.data.update(event.data)
+    msg.recorded_at.FromDatetime(event.recorded_at)
+    return msg
+
+
+def metadata_to_proto(m: model.Metadata) -> events_pb2.EventMetadata:
+    """Unset metadata fields become empty strings and 0, as proto3 has it."""
+    return events_pb2.EventMetadata(
+        tenant=m.tenant or "",
+        actor=m.actor or "",
+        request_id=m.request_id or "",
+        correlation_id=m.correlation_id or "",
+        causation_id=m.causation_id or "",
+        fencing_role=m.fencing_role or "",
+        fencing_token=m.fencing_token or 0,
+    )
+
+
+def _position_violations(field: str, position: int) -> list[FieldViolation]:
+    if position > MAX_POSITION:
+        return [FieldViolation(field, f"position {position} exceeds the maximum {MAX_POSITION}")]
+    return []
+
+
+def _name_violations(
+    field: str, names: Sequence[str], pattern: re.Pattern[str], what: str
+) -> list[FieldViolation]:
+    if len(names) > MAX_FILTER_NAMES:
+        return [FieldViolation(field, f"at most {MAX_FILTER_NAMES} names, got {len(names)}")]
+    return [
+        FieldViolation(f"{field}[{i}]", f"{name[:100]!r} is not a valid {what} name")
+        for i, name in enumerate(names)
+        if not pattern.match(name)
+    ]
+
+
+def _refuse(violations: list[FieldViolation]) -> None:
+    if violations:
+        summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
+        raise InvalidInput(f"invalid request: {summary}", violations)
+
+
+# The mapping from the project's error tree (vim/errors.py) to gRPC status codes.
+# It belongs in vim/api/errors.py once that module exists; every servicer uses it.
+_CODES: tuple[tuple[type[VimError], grpc.StatusCode], ...] = (
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (DomainError, grpc.StatusCode.FAILED_PRECONDITION),
+    (NotFound, grpc.StatusCode.NOT_FOUND),
+    (VersionConflict, grpc.StatusCode.ABORTED),
+    (Unavailable, grpc.StatusCode.UNAVAILABLE),
+)
+
+
+def status_code_for(exc: VimError) -> grpc.StatusCode:
+    """The gRPC code for a project error (UNKNOWN only for an unmapped subclass)."""
+    for kind, code in _CODES:
+        if isinstance(exc, kind):
+            return code
+    return grpc.StatusCode.UNKNOWN
+
+
+async def abort_for(context: _Context, exc: VimError) -> NoReturn:
+    """End the RPC with the error's status, and a BadRequest detail for field violations."""
+    code = status_code_for(exc)
+    status = status_pb2.Status(code=code.value[0], message=exc.message)
+    if isinstance(exc, InvalidInput) and exc.violations:
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
+                for v in exc.violations
+            ]
+        )
+        detail = any_pb2.Any()
+        detail.Pack(bad)
+        status.details.append(detail)
+    await context.abort_with_status(rpc_status.to_status(status))
+    raise AssertionError("abort_with_status returned")  # pragma: no cover
