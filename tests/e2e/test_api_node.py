@@ -1,0 +1,372 @@
+"""`vim-api` as a real process on a SQLite event log, driven over real gRPC and HTTP.
+
+Each test starts its own node (`--listen 127.0.0.1:0`, ports read from port files)
+on its own log file, waits with a deadline until health says SERVING, and talks
+to it with the synchronous gRPC client. Events are appended by this process
+through `SqlEventLog` on the same file, as another writer of the log would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from vim._gen.vim.v1 import events_pb2, events_pb2_grpc
+from vim.eventlog.model import (
+    ANY_VERSION,
+    NO_STREAM,
+    AppendRequest,
+    AppendResult,
+    Metadata,
+    NewEvent,
+    StreamAppend,
+)
+from vim.eventlog.sql import SqlEventLog
+
+DEADLINE_S = 20.0
+T = TypeVar("T")
+
+
+def _until(what: str, probe: Callable[[], T | None], deadline_s: float = DEADLINE_S) -> T:
+    """Poll `probe` until it returns a value; fail with `what` once the deadline passes."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        value = probe()
+        if value is not None:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {deadline_s} s waiting for {what}")
+        time.sleep(0.05)
+
+
+@dataclass
+class Node:
+    proc: subprocess.Popen[bytes]
+    url: str
+    port: int
+    metrics_port: int
+    output: Path
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.address)
+
+    def logs(self) -> str:
+        return self.output.read_text(encoding="utf-8", errors="replace")
+
+
+def _read_port(path: Path, proc: subprocess.Popen[bytes], output: Path) -> int | None:
+    if proc.poll() is not None:
+        pytest.fail(f"vim-api exited with {proc.returncode}:\n{output.read_text()}")
+    try:
+        text = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text else None
+
+
+def _health(channel: grpc.Channel, service: str = "") -> int:
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return int(reply.status)
+
+
+def _serving(channel: grpc.Channel) -> bool | None:
+    try:
+        return _health(channel) == health_pb2.HealthCheckResponse.SERVING or None
+    except grpc.RpcError:
+        return None
+
+
+def start_node(workdir: Path) -> Node:
+    """Start `python -m vim.api.server` and wait until it reports SERVING."""
+    url = f"sqlite:///{workdir / 'eventlog.db'}"
+    port_file, metrics_file = workdir / "api.port", workdir / "metrics.port"
+    output = workdir / "vim-api.log"
+    with output.open("wb") as sink:
+        proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "vim.api.server", "--listen", "127.0.0.1:0"),
+                *("--metrics-listen", "127.0.0.1:0", "--grace", "2"),
+                *("--port-file", str(port_file), "--metrics-port-file", str(metrics_file)),
+                *("--eventlog-url", url),
+            ],
+            cwd=workdir,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env={k: v for k, v in os.environ.items() if not k.startswith("VIM_")},
+        )
+    port = _until("the port file", lambda: _read_port(port_file, proc, output))
+    metrics_port = _until("the metrics port file", lambda: _read_port(metrics_file, proc, output))
+    node = Node(proc, url, port, metrics_port, output)
+    with node.channel() as channel:
+        _until("health SERVING", lambda: _serving(channel))
+    return node
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[Node]:
+    n = start_node(tmp_path)
+    try:
+        yield n
+    finally:
+        if n.proc.poll() is None:
+            n.proc.send_signal(signal.SIGTERM)
+            try:
+                n.proc.wait(timeout=DEADLINE_S)
+            except subprocess.TimeoutExpired:
+                n.proc.kill()
+                n.proc.wait()
+
+
+def append(url: str, *requests: AppendRequest) -> list[AppendResult]:
+    """Append through the event log itself, as any other writer of the same file."""
+
+    async def run() -> list[AppendResult]:
+        log = await SqlEventLog.open(url)
+        try:
+            return [await log.append(r) for r in requests]
+        finally:
+            await log.close()
+
+    return asyncio.run(run())
+
+
+def host_registered(*names: str, correlation_id: str = "corr-1") -> AppendRequest:
+    return AppendRequest(
+        streams=[
+            StreamAppend(f"host-{n}", NO_STREAM, [NewEvent("HostRegistered", {"hostname": n})])
+            for n in names
+        ],
+        metadata=Metadata(actor="e2e", correlation_id=correlation_id),
+    )
+
+
+def one(stream_id: str, type_: str, data: dict[str, object]) -> AppendRequest:
+    return AppendRequest(streams=[StreamAppend(stream_id, ANY_VERSION, [NewEvent(type_, data)])])
+
+
+def bad_request_fields(err: grpc.RpcError) -> list[str]:
+    """Fields named by the google.rpc.BadRequest detail of a failed call."""
+    status = rpc_status.from_call(err)
+    assert status is not None, "no google.rpc.Status in the trailers"
+    fields: list[str] = []
+    for detail in status.details:
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
+            fields += [v.field for v in bad.field_violations]
+    return fields
+
+
+# -- tests ---------------------------------------------------------------------------
+
+
+def test_health_reports_serving_for_node_and_each_service(node: Node) -> None:
+    with node.channel() as channel:
+        assert _health(channel, "") == health_pb2.HealthCheckResponse.SERVING
+        assert _health(channel, "vim.v1.EventLog") == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as err:
+            _health(channel, "vim.v1.NoSuchService")
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_watch_from_zero_receives_appended_events_in_order_then_follows(node: Node) -> None:
+    first = append(
+        node.url,
+        host_registered("cmp-01", "cmp-02", "cmp-03", correlation_id="corr-hosts"),
+        one("server-7", "ServerRequested", {"name": "vm-7", "vcpus": 2}),
+    )
+    assert [r.last_position for r in first] == [3, 4]
+    with node.channel() as channel:
+        stub = events_pb2_grpc.EventLogStub(channel)
+        call = stub.Watch(events_pb2.WatchEventsRequest(from_position=0), timeout=DEADLINE_S)
+        got = [next(call) for _ in range(4)]
+        assert [e.position for e in got] == [1, 2, 3, 4]
+        assert [e.stream_id for e in got] == [
+            "host-cmp-01",
+            "host-cmp-02",
+            "host-cmp-03",
+            "server-7",
+        ]
+        assert [e.version for e in got] == [1, 1, 1, 1]
+        assert got[0].type == "HostRegistered"
+        assert dict(got[0].data) == {"hostname": "cmp-01"}
+        assert got[0].metadata.correlation_id == "corr-hosts"
+        assert got[0].metadata.actor == "e2e"
+        assert got[0].schema_version == 1
+        assert got[0].recorded_at.seconds > 0
+        assert got[3].data["vcpus"] == 2
+
+        # Live: an append made while the stream is open arrives next, in order.
+        append(node.url, one("server-7", "ServerScheduled", {"host": "cmp-02"}))
+        live = next(call)
+        assert (live.position, live.type, live.version) == (5, "ServerScheduled", 2)
+        call.cancel()
+
+
+def test_watch_filters_by_type_and_stream_kind(node: Node) -> None:
+    append(
+        node.url,
+        host_registered("cmp-01"),
+        one("server-1", "ServerRequested", {}),
+        one("server-1", "ServerScheduled", {"host": "cmp-01"}),
+        one("host-cmp-01", "HostMaintenanceStarted", {}),
+    )
+    with node.channel() as channel:
+        stub = events_pb2_grpc.EventLogStub(channel)
+        servers = stub.Watch(
+            events_pb2.WatchEventsRequest(stream_kinds=["server"]), timeout=DEADLINE_S
+        )
+        assert [next(servers).position for _ in range(2)] == [2, 3]
+        servers.cancel()
+        typed = stub.Watch(
+            events_pb2.WatchEventsRequest(from_position=1, types=["HostMaintenanceStarted"]),
+            timeout=DEADLINE_S,
+        )
+        assert next(typed).position == 4
+        typed.cancel()
+
+
+def test_list_events_pages_by_position_and_get_head(node: Node) -> None:
+    append(node.url, *(one(f"server-{i}", "ServerRequested", {"i": i}) for i in range(7)))
+    with node.channel() as channel:
+        stub = events_pb2_grpc.EventLogStub(channel)
+        assert stub.GetHead(events_pb2.GetHeadRequest()).head.position == 7
+        seen: list[int] = []
+        after = 0
+        while True:
+            page = stub.ListEvents(events_pb2.ListEventsRequest(after=after, limit=3))
+            seen += [e.position for e in page.events]
+            after = page.next.position
+            if after >= page.head.position:
+                break
+        assert seen == list(range(1, 8))
+        none = stub.ListEvents(events_pb2.ListEventsRequest(types=["HostFenced"]))
+        assert list(none.events) == []
+        assert none.next.position == 7  # nothing matched, but the scan reached the head
+
+
+def test_bad_input_is_invalid_argument_with_bad_request_details(node: Node) -> None:
+    with node.channel() as channel:
+        stub = events_pb2_grpc.EventLogStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ListEvents(events_pb2.ListEventsRequest(limit=5000))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request_fields(err.value) == ["limit"]
+        assert "limit" in (err.value.details() or "")
+
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ListEvents(events_pb2.ListEventsRequest(types=["ok", "HostRegistered"]))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request_fields(err.value) == ["types[0]"]
+
+        watch = stub.Watch(
+            events_pb2.WatchEventsRequest(
+                stream_kinds=["host", "Server-X"], from_position=2**64 - 1
+            ),
+            timeout=DEADLINE_S,
+        )
+        with pytest.raises(grpc.RpcError) as err:
+            next(watch)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert bad_request_fields(err.value) == ["from_position", "stream_kinds[1]"]
+
+
+def test_reflection_lists_event_log_health_and_reflection(node: Node) -> None:
+    with node.channel() as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        replies = list(stub.ServerReflectionInfo(iter([request]), timeout=DEADLINE_S))
+        names = {s.name for s in replies[0].list_services_response.service}
+        assert {"vim.v1.EventLog", "grpc.health.v1.Health"} <= names
+        by_symbol = reflection_pb2.ServerReflectionRequest(file_containing_symbol="vim.v1.EventLog")
+        reply = next(iter(stub.ServerReflectionInfo(iter([by_symbol]), timeout=DEADLINE_S)))
+        assert reply.file_descriptor_response.file_descriptor_proto
+
+
+def test_metrics_count_requests_by_method_and_code(node: Node) -> None:
+    with node.channel() as channel:
+        stub = events_pb2_grpc.EventLogStub(channel)
+        stub.GetHead(events_pb2.GetHeadRequest())
+        with pytest.raises(grpc.RpcError):
+            stub.ListEvents(events_pb2.ListEventsRequest(limit=5000))
+    url = f"http://127.0.0.1:{node.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as reply:
+        body = reply.read().decode()
+    method = "/vim.v1.EventLog"
+    assert f'vim_api_requests_total{{code="OK",method="{method}/GetHead"}} 1.0' in body
+    assert (
+        f'vim_api_requests_total{{code="INVALID_ARGUMENT",method="{method}/ListEvents"}} 1.0'
+        in body
+    )
+    assert f'vim_api_request_seconds_count{{method="{method}/GetHead"}} 1.0' in body
+
+
+def test_sigterm_ends_watch_with_unavailable_and_exits_zero(node: Node) -> None:
+    append(node.url, host_registered("cmp-01"))
+    with node.channel() as channel:
+        stub = events_pb2_grpc.EventLogStub(channel)
+        call = stub.Watch(events_pb2.WatchEventsRequest(), timeout=DEADLINE_S)
+        assert next(call).position == 1  # the stream is open on the server
+
+        node.proc.send_signal(signal.SIGTERM)
+
+        with pytest.raises(grpc.RpcError) as err:
+            next(call)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "from position 1" in (err.value.details() or "")
+    assert node.proc.wait(timeout=DEADLINE_S) == 0, node.logs()
+    assert '"api node stopped"' in node.logs()
+
+
+def test_second_node_on_a_taken_port_fails_to_start(node: Node, tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "vim.api.server", "--listen", node.address),
+            *("--metrics-listen", "off", "--eventlog-url", node.url),
+        ],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+    )
+    assert proc.returncode == 1
+    assert "failed to start" in proc.stderr
+
+
+def test_demo_tour_only_exits_zero(tmp_path: Path) -> None:
+    script = Path(sys.executable).with_name("vim-demo")
+    cmd = [str(script)] if script.exists() else [sys.executable, "-m", "vim.demo"]
+    proc = subprocess.run(
+        [*cmd, "--tour-only"],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "120"},
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "HostRegistered" in proc.stdout
+    assert "FAILED" not in proc.stdout
+    assert (tmp_path / "var" / "demo" / "eventlog.db").exists()
