@@ -200,8 +200,11 @@ async def test_stale_fencing_token_is_refused_per_role(event_log: SqlEventLog) -
 
 async def test_fencing_race_old_and_new_leader_in_one_batch(event_log: SqlEventLog) -> None:
     appends = [
-        req(StreamAppend(f"server-{i}", 0, [NewEvent("X", {})]),
-            fencing_role="scheduler", fencing_token=tok)
+        req(
+            StreamAppend(f"server-{i}", 0, [NewEvent("X", {})]),
+            fencing_role="scheduler",
+            fencing_token=tok,
+        )
         for i, tok in enumerate([3, 4, 3, 4, 3])
     ]
     results = await asyncio.gather(*map(event_log.append, appends), return_exceptions=True)
@@ -267,9 +270,7 @@ async def test_upcasters_read_old_schema_versions_forward(
 ) -> None:
     writer = await open_log()
     await writer.append(
-        AppendRequest(
-            [StreamAppend("server-a", 0, [NewEvent("ServerCreated", {"ram": 512}, 1)])]
-        )
+        AppendRequest([StreamAppend("server-a", 0, [NewEvent("ServerCreated", {"ram": 512}, 1)])])
     )
     up = Upcasters()
     up.register("ServerCreated", 1, lambda d: {"ram_mb": d["ram"]})

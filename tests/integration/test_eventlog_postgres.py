@@ -93,10 +93,16 @@ async def _appends_through_an_outage(pg: PostgresServer, crash: bool) -> None:
             rid = f"w{k}-{i}-{uuid.uuid4().hex[:6]}"
             request = AppendRequest(
                 [
-                    StreamAppend(f"server-w{k}", ANY_VERSION,
-                                 [NewEvent("A", {"i": i}), NewEvent("B", {"i": i})]),
-                    StreamAppend(f"host-w{k}", ANY_VERSION,
-                                 [NewEvent("C", {"i": i}), NewEvent("D", {"i": i})]),
+                    StreamAppend(
+                        f"server-w{k}",
+                        ANY_VERSION,
+                        [NewEvent("A", {"i": i}), NewEvent("B", {"i": i})],
+                    ),
+                    StreamAppend(
+                        f"host-w{k}",
+                        ANY_VERSION,
+                        [NewEvent("C", {"i": i}), NewEvent("D", {"i": i})],
+                    ),
                 ],
                 Metadata(request_id=rid),
             )

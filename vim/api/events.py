@@ -127,7 +127,9 @@ class EventLogServicer(events_pb2_grpc.EventLogServicer):
         )
         if request.limit > MAX_LIST_LIMIT:
             violations.append(
-                FieldViolation("limit", f"limit {request.limit} exceeds the maximum {MAX_LIST_LIMIT}")
+                FieldViolation(
+                    "limit", f"limit {request.limit} exceeds the maximum {MAX_LIST_LIMIT}"
+                )
             )
         _refuse(violations)
         limit = request.limit or DEFAULT_LIST_LIMIT

@@ -57,4 +57,3 @@ class Backend(Protocol):
         """Call `wake` whenever another process may have appended; return when stopped."""
 
     async def close(self) -> None: ...
-

@@ -95,7 +95,7 @@ def _decide(p: PreparedAppend, state: LogState) -> Outcome | None:
             return FencedOut(role, token, newest)
     for s in p.streams:
         actual = state.versions.get(s.stream_id, 0)
-        if s.expected_version != ANY_VERSION and s.expected_version != actual:
+        if s.expected_version not in (ANY_VERSION, actual):
             return VersionConflict(s.stream_id, s.expected_version, actual)
     return None
 
@@ -109,8 +109,17 @@ def _accept(p: PreparedAppend, state: LogState, w: BatchWrites, now: datetime) -
             state.head += 1
             version += 1
             w.events.append(
-                (state.head, s.stream_id, version, e.event_id, e.type, e.schema_version,
-                 e.data_json, p.metadata_json, now)
+                (
+                    state.head,
+                    s.stream_id,
+                    version,
+                    e.event_id,
+                    e.type,
+                    e.schema_version,
+                    e.data_json,
+                    p.metadata_json,
+                    now,
+                )
             )
         state.versions[s.stream_id] = version
         versions[s.stream_id] = version

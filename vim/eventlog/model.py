@@ -227,8 +227,9 @@ def prepare(req: AppendRequest, *, max_payload_bytes: int) -> PreparedAppend:
             )
         )
     if violations:
-        raise InvalidEvent("append refused: " + "; ".join(v.description for v in violations[:5]),
-                           violations)
+        raise InvalidEvent(
+            "append refused: " + "; ".join(v.description for v in violations[:5]), violations
+        )
     return PreparedAppend(
         streams=tuple(streams),
         metadata=req.metadata,

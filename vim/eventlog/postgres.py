@@ -186,15 +186,15 @@ class PostgresBackend:
     ) -> list[EventRow]:
         if types:
             q = _SELECT_EVENTS + "WHERE position > %s AND type = ANY(%s) ORDER BY position LIMIT %s"
-            return await self._rows("read_all", q, (after, list(types), limit))  # type: ignore[return-value]
+            return await self._rows("read_all", q, (after, list(types), limit))
         q = _SELECT_EVENTS + "WHERE position > %s ORDER BY position LIMIT %s"
-        return await self._rows("read_all", q, (after, limit))  # type: ignore[return-value]
+        return await self._rows("read_all", q, (after, limit))
 
     async def stream_events(
         self, stream_id: str, after_version: int, limit: int | None
     ) -> list[EventRow]:
         q = _SELECT_EVENTS + "WHERE stream_id = %s AND version > %s ORDER BY version LIMIT %s"
-        return await self._rows("read_stream", q, (stream_id, after_version, limit))  # type: ignore[return-value]
+        return await self._rows("read_stream", q, (stream_id, after_version, limit))
 
     async def _scalar(self, what: str, query: str, params: Sequence[Any]) -> Any:
         rows = await self._rows(what, query, params)

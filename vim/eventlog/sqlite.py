@@ -86,7 +86,9 @@ class SqliteBackend:
         outcomes, w = plan_batch(batch, state, datetime.now(UTC))
         if not w.events:
             return outcomes, False
-        await conn.execute(_ev.insert(), [dict(zip(EVENT_COLUMNS, e, strict=True)) for e in w.events])
+        await conn.execute(
+            _ev.insert(), [dict(zip(EVENT_COLUMNS, e, strict=True)) for e in w.events]
+        )
         await conn.execute(
             _upsert(_st, "stream_id", ("version", "position")),
             [{"stream_id": k, "version": v, "position": p} for k, (v, p) in w.streams.items()],
@@ -139,7 +141,10 @@ class SqliteBackend:
             _rq.c.request_id == request_id
         )
         rows = await self._fetch(q, "lookup_request")
-        return StoredRequest(*rows[0]) if rows else None
+        if not rows:
+            return None
+        rid, fingerprint, result = tuple(rows[0])
+        return StoredRequest(rid, fingerprint, result)
 
     async def follow(self, wake: Callable[[], None], stopped: Callable[[], bool]) -> None:
         """SQLite has no notifications: other processes are seen by polling alone."""
@@ -150,8 +155,9 @@ class SqliteBackend:
 
 
 def _row(r: sa.Row[Any]) -> EventRow:
-    at = r.recorded_at if r.recorded_at.tzinfo else r.recorded_at.replace(tzinfo=UTC)
-    return (r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], at)
+    t: tuple[Any, ...] = tuple(r)
+    at = t[8] if t[8].tzinfo else t[8].replace(tzinfo=UTC)
+    return (t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], at)
 
 
 def _upsert(table: sa.Table, key: str, cols: Sequence[str]) -> Any:
