@@ -83,6 +83,8 @@ class EventLogServicer(events_pb2_grpc.EventLogServicer):
             )
             self._watches.add(sub)
             try:
+                # Headers now, so a client knows the watch is established before any event.
+                await context.send_initial_metadata(())
                 if not self._draining:  # drain() may have run before the add above
                     async for event in sub:
                         yield to_proto(event)

@@ -39,7 +39,7 @@ from vim.errors import VimError
 from vim.eventlog.sql import SqlEventLog
 from vim.eventlog.store import EventLog
 
-log = structlog.get_logger("vim.api")
+logger = structlog.get_logger("vim.api")
 
 MiB = 1024 * 1024
 DEFAULT_EVENTLOG_URL = "sqlite:///./var/eventlog.db"
@@ -122,6 +122,8 @@ class ApiNode:
 
     async def start(self) -> None:
         """Open the log, bind, serve, then report SERVING; cleans up if any step fails."""
+        if self._stopping is not None:
+            raise RuntimeError("this API node was stopped; create a new one")
         if self._started:
             return
         self._started = True
@@ -173,12 +175,12 @@ class ApiNode:
         await self._health.serving()
         _write_port_file(cfg.port_file, self.port)
         _write_port_file(cfg.metrics_port_file, self.metrics_port)
-        log.info(
+        logger.info(
             "api node serving", address=self.address, metrics_port=self.metrics_port, services=names
         )
 
     async def _shutdown(self) -> None:
-        log.info("api node stopping", address=self.address)
+        logger.info("api node stopping", address=self.address)
         try:
             await self._health.shutting_down()
             for service in self._services:
@@ -193,11 +195,13 @@ class ApiNode:
                 await self._log.close()
         finally:
             self._stopped.set()
-        log.info("api node stopped", address=self.address)
+        logger.info("api node stopped", address=self.address)
 
 
 def _host(listen: str) -> str:
-    return listen.rpartition(":")[0] or "127.0.0.1"
+    """The host part of host:port, with a wildcard replaced by the loopback to dial."""
+    host = listen.rpartition(":")[0]
+    return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
 
 
 def _bind(server: grpc.aio.Server, listen: str) -> int:
@@ -316,7 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         asyncio.run(serve(config))
     except (OSError, ValueError, VimError) as exc:
-        log.error("api node failed to start", error=str(exc), kind=type(exc).__name__)
+        logger.error("api node failed to start", error=str(exc), kind=type(exc).__name__)
         return 1
     return 0
 

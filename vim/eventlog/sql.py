@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import AsyncIterator, Collection, Mapping
@@ -46,6 +47,12 @@ from vim.eventlog.store import EventLogConfig
 from vim.eventlog.upcasting import Upcasters
 
 log = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=4096)
+def _metadata(raw: str) -> Metadata:
+    """Every event of one append shares its metadata text: decode it once."""
+    return Metadata.from_json(json.loads(raw))
 
 
 class _Notifier:
@@ -208,7 +215,7 @@ class SqlEventLog:
             type=r[4],
             schema_version=version,
             data=data,
-            metadata=Metadata.from_json(json.loads(r[7])),
+            metadata=_metadata(r[7]),
             recorded_at=r[8],
         )
 
