@@ -22,7 +22,9 @@ from vim.harness.postgres import PostgresServer
 
 pytestmark = pytest.mark.postgres
 
-FAST = EventLogConfig(poll_interval_s=0.2, retry_backoff_s=0.05, read_batch=50)
+FAST = EventLogConfig(
+    poll_interval_s=0.2, retry_backoff_s=0.05, read_batch=50, connect_timeout_s=1.0
+)
 
 
 @pytest.fixture

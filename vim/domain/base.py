@@ -1,0 +1,56 @@
+"""Domain events and aggregates: plain data and pure functions, no I/O.
+
+Events are frozen dataclasses named in the past tense. Their class name is the
+stored event type, so a stored event is never renamed: a changed shape gets a new
+schema version and an upcaster (`vim.eventlog.upcasting`). `to_data` and
+`from_data` are the only serialisation: the fields must be JSON values (str,
+int, float, bool, None, lists and dicts of them).
+
+An aggregate module holds a frozen state dataclass, `evolve(state, event)` that
+folds one event into it (None before the first event), and decision functions
+that take the state plus arguments (ids, clocks) and return new events or raise
+a `DomainError`. Nothing here reads a clock, makes an id or touches a database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar, Self
+
+_REGISTRY: dict[str, type[DomainEvent]] = {}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DomainEvent:
+    """Base of every domain event; subclasses register themselves by class name."""
+
+    SCHEMA_VERSION: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        if cls.__name__ in _REGISTRY and _REGISTRY[cls.__name__] is not cls:
+            raise TypeError(f"event type {cls.__name__} is defined twice")
+        _REGISTRY[cls.__name__] = cls
+
+    @property
+    def type(self) -> str:
+        return type(self).__name__
+
+    def to_data(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def parse(event_type: str, data: Mapping[str, Any]) -> DomainEvent | None:
+    """The domain event for a stored one, or None for a type this code does not know."""
+    cls = _REGISTRY.get(event_type)
+    return None if cls is None else cls.from_data(data)
+
+
+def event_types() -> frozenset[str]:
+    return frozenset(_REGISTRY)

@@ -1,0 +1,166 @@
+"""The read model: every aggregate's current state, folded from the log, in memory.
+
+Each API node keeps its own copy, built by replaying the log at start and then
+following it (`Projector`). Nothing in it is node-local truth: any node can be
+killed and another answers the same, because all of it is derived from the log.
+
+- `states` maps a stream id to (version, state); a kind's `evolve` folds events
+  (registered with `register_kind`). Unknown event types are skipped, so an old
+  node keeps working while a newer one writes events it does not know.
+- `position` is the last log position applied. Read-your-writes: a node that
+  wrote at position p waits until `position >= p` before it answers, and a client
+  that hands a node the last position it saw makes that node wait the same way.
+- `digest()` hashes the whole model; a rebuild by replay must give the same one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from vim.domain.base import DomainEvent, parse
+from vim.errors import Unavailable
+from vim.eventlog.model import RecordedEvent
+from vim.eventlog.store import EventLog
+
+log = logging.getLogger(__name__)
+
+Evolve = Callable[[Any, DomainEvent, RecordedEvent], Any]
+_KINDS: dict[str, Evolve] = {}
+
+
+def register_kind(kind: str, evolve: Evolve) -> None:
+    """Fold events of streams `<kind>-*` with `evolve(state | None, event, recorded)`."""
+    if _KINDS.get(kind, evolve) is not evolve:
+        raise ValueError(f"stream kind {kind!r} is registered twice")
+    _KINDS[kind] = evolve
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    version: int
+    state: Any
+
+
+class ReadModel:
+    """States by stream id, by kind; see the module docstring."""
+
+    def __init__(self) -> None:
+        self.position = 0
+        self._entries: dict[str, Entry] = {}
+        self._by_kind: dict[str, dict[str, Entry]] = {}
+        self._advanced = asyncio.Event()
+
+    def apply(self, e: RecordedEvent) -> None:
+        """Fold one event; events must come in position order, each exactly once."""
+        if e.position <= self.position:
+            return
+        self.position = e.position
+        kind = e.stream_kind
+        evolve = _KINDS.get(kind)
+        event = parse(e.type, e.data)
+        if evolve is not None and event is not None:
+            old = self._entries.get(e.stream_id)
+            state = evolve(old.state if old else None, event, e)
+            entry = Entry(e.version, state)
+            self._entries[e.stream_id] = entry
+            self._by_kind.setdefault(kind, {})[e.stream_id] = entry
+
+    def advanced(self) -> None:
+        """Wake everyone waiting for a position; called after a batch is applied."""
+        ev, self._advanced = self._advanced, asyncio.Event()
+        ev.set()
+
+    def get(self, stream_id: str) -> Entry | None:
+        return self._entries.get(stream_id)
+
+    def version(self, stream_id: str) -> int:
+        entry = self._entries.get(stream_id)
+        return entry.version if entry else 0
+
+    def of_kind(self, kind: str) -> Iterator[tuple[str, Entry]]:
+        return iter(list(self._by_kind.get(kind, {}).items()))
+
+    async def wait_for(self, position: int, within_s: float = 5.0) -> None:
+        """Return once `position` is applied; UNAVAILABLE if the log does not get there."""
+        try:
+            async with asyncio.timeout(within_s):
+                while self.position < position:
+                    await self._advanced.wait()
+        except TimeoutError:
+            raise Unavailable(
+                f"this node has applied the log up to {self.position}, not yet {position}; "
+                "retry (another node may be ahead)"
+            ) from None
+
+    async def wait_for_version(self, stream_id: str, version: int, within_s: float = 5.0) -> None:
+        """Return once the stream has reached `version` here."""
+        try:
+            async with asyncio.timeout(within_s):
+                while self.version(stream_id) < version:
+                    await self._advanced.wait()
+        except TimeoutError:
+            raise Unavailable(f"{stream_id} not yet at version {version} on this node") from None
+
+    def digest(self) -> str:
+        h = hashlib.sha256(f"{self.position}".encode())
+        for sid in sorted(self._entries):
+            entry = self._entries[sid]
+            h.update(f"{sid}\0{entry.version}\0{entry.state!r}\0".encode())
+        return h.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class Projector:
+    """Keeps a ReadModel following the log; `run()` until `stop()`."""
+
+    def __init__(self, log: EventLog, model: ReadModel | None = None) -> None:
+        self._log = log
+        self.model = model or ReadModel()
+        self._task: asyncio.Task[None] | None = None
+
+    async def catch_up(self) -> None:
+        """Apply everything up to the head as it is now (at start, before serving)."""
+        head = await self._log.head()
+        while self.model.position < head:
+            batch = await self._log.read_all(after=self.model.position, limit=2000)
+            if not batch:
+                break
+            for e in batch:
+                self.model.apply(e)
+        self.model.advanced()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._follow(), name="projector")
+
+    async def _follow(self) -> None:
+        sub = self._log.subscribe(after=self.model.position)
+        pending = 0
+        async for e in sub:
+            self.model.apply(e)
+            pending += 1
+            # Wake waiters per event: a writer waits for exactly its position.
+            self.model.advanced()
+        log.info("projector stopped at %d (%d events applied)", self.model.position, pending)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+
+async def rebuild(log: EventLog) -> ReadModel:
+    """A fresh model replayed from position 0 (the projection rebuild)."""
+    projector = Projector(log)
+    await projector.catch_up()
+    return projector.model
