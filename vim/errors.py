@@ -9,6 +9,9 @@ VimError
 │   ├─ IdempotencyConflict   a request id reused with a different body
 │   └─ FencedOut             a write carries a fencing token older than the newest seen
 ├─ NotFound              -> NOT_FOUND
+├─ AlreadyExists         -> ALREADY_EXISTS
+├─ Unauthenticated       -> UNAUTHENTICATED (no or invalid credentials)
+├─ PermissionDenied      -> PERMISSION_DENIED (valid credentials, role not allowed)
 ├─ VersionConflict       -> ABORTED (safe to retry after reloading)
 └─ Unavailable           -> UNAVAILABLE (safe to retry, same request id)
     └─ EventLogUnavailable   the database cannot be reached, or an outcome is unknown
@@ -87,6 +90,18 @@ class FencedOut(DomainError):
 
 class NotFound(VimError):
     """The resource does not exist (or belongs to another tenant)."""
+
+
+class AlreadyExists(VimError):
+    """A resource with this id or unique name exists already."""
+
+
+class Unauthenticated(VimError):
+    """No credentials, or credentials that do not verify."""
+
+
+class PermissionDenied(VimError):
+    """The caller is known but its roles do not allow this call."""
 
 
 class VersionConflict(VimError):

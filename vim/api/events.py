@@ -22,21 +22,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
-from google.protobuf import any_pb2
-from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
-from grpc_status import rpc_status
 
 from vim._gen.vim.v1 import common_pb2, events_pb2, events_pb2_grpc
+from vim.api.errors import abort_for, refuse
 from vim.errors import (
-    DomainError,
     FieldViolation,
-    InvalidInput,
-    NotFound,
     Unavailable,
-    VersionConflict,
     VimError,
 )
 from vim.eventlog import model
@@ -70,7 +64,7 @@ class EventLogServicer(events_pb2_grpc.EventLogServicer):
     ) -> AsyncIterator[events_pb2.RecordedEvent]:
         """Every matching event after from_position, caught up and then live."""
         try:
-            _refuse(
+            refuse(
                 _position_violations("from_position", request.from_position)
                 + _name_violations("types", request.types, model.EVENT_TYPE_RE, "PascalCase")
                 + _name_violations("stream_kinds", request.stream_kinds, STREAM_KIND_RE, "kind")
@@ -133,7 +127,7 @@ class EventLogServicer(events_pb2_grpc.EventLogServicer):
                     "limit", f"limit {request.limit} exceeds the maximum {MAX_LIST_LIMIT}"
                 )
             )
-        _refuse(violations)
+        refuse(violations)
         limit = request.limit or DEFAULT_LIST_LIMIT
         # Head first: positions commit in order without gaps, so a read that starts
         # afterwards sees every event up to it, and a batch that is not full has
@@ -196,48 +190,3 @@ def _name_violations(
         for i, name in enumerate(names)
         if not pattern.match(name)
     ]
-
-
-def _refuse(violations: list[FieldViolation]) -> None:
-    if violations:
-        summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
-        raise InvalidInput(f"invalid request: {summary}", violations)
-
-
-# The mapping from the project's error tree (vim/errors.py) to gRPC status codes.
-# It belongs in vim/api/errors.py once that module exists; every servicer uses it.
-_CODES: tuple[tuple[type[VimError], grpc.StatusCode], ...] = (
-    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
-    (DomainError, grpc.StatusCode.FAILED_PRECONDITION),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (VersionConflict, grpc.StatusCode.ABORTED),
-    (Unavailable, grpc.StatusCode.UNAVAILABLE),
-)
-
-
-def status_code_for(exc: VimError) -> grpc.StatusCode:
-    """The gRPC code for a project error (UNKNOWN only for an unmapped subclass)."""
-    for kind, code in _CODES:
-        if isinstance(exc, kind):
-            return code
-    return grpc.StatusCode.UNKNOWN
-
-
-async def abort_for(context: _Context, exc: VimError) -> NoReturn:
-    """End the RPC with the error's status, and a BadRequest detail for field violations."""
-    code = status_code_for(exc)
-    status = status_pb2.Status(code=code.value[0], message=exc.message)
-    if isinstance(exc, InvalidInput) and exc.violations:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in exc.violations
-            ]
-        )
-        detail = any_pb2.Any()
-        detail.Pack(bad)
-        status.details.append(detail)
-    await context.abort_with_status(rpc_status.to_status(status))
-    raise AssertionError("abort_with_status returned")  # pragma: no cover

@@ -11,8 +11,8 @@ Watch streams end with UNAVAILABLE and a resume position), `server.stop(grace)`
 lets unary RPCs finish and then cancels what is left, the metrics endpoint
 closes, and finally the event log closes (it is still needed by RPCs in grace).
 
-Not yet here: TLS and bearer tokens (DESIGN.md), and turning the event log's own
-health into NOT_SERVING while it is unreachable.
+Before serving, the node replays the log into its read model (`Projector`) and
+then follows it. Every call needs a bearer token signed with the cluster secret.
 """
 
 from __future__ import annotations
@@ -33,11 +33,15 @@ import grpc
 import structlog
 from grpc_reflection.v1alpha import reflection
 
-from vim._gen.vim.v1 import events_pb2_grpc
-from vim.api import events, health, metrics
+from vim._gen.vim.v1 import events_pb2_grpc, flavours_pb2_grpc
+from vim.api import events, flavours, health, metrics
+from vim.api.auth import Authenticator
+from vim.api.node import Node
+from vim.app.commands import CommandRunner
 from vim.errors import VimError
 from vim.eventlog.sql import SqlEventLog
 from vim.eventlog.store import EventLog
+from vim.projections.readmodel import Projector
 
 logger = structlog.get_logger("vim.api")
 
@@ -59,6 +63,8 @@ class ApiConfig:
     metrics_port_file: Path | None = None
     grace_s: float = DEFAULT_GRACE_S
     max_receive_message_bytes: int = 4 * MiB
+    auth_secret: bytes = b""
+    """The shared secret bearer tokens are signed with (≥ 32 bytes)."""
 
 
 class Service(NamedTuple):
@@ -69,20 +75,24 @@ class Service(NamedTuple):
     drain: Callable[[], Awaitable[None]] | None = None
 
 
-ServiceFactory = Callable[[EventLog], Sequence[Service]]
+ServiceFactory = Callable[[Node], Sequence[Service]]
 
 
-def default_services(log: EventLog) -> list[Service]:
+def default_services(node: Node) -> list[Service]:
     """Every service a node serves; register new servicers here."""
-    event_log = events.EventLogServicer(log)
+    event_log = events.EventLogServicer(node.log)
     return [
         Service(
             partial(events_pb2_grpc.add_EventLogServicer_to_server, event_log),
             events.SERVICE_NAME,
             event_log.drain,
         ),
-        # Next: Service(partial(compute_pb2_grpc.add_ComputeServicer_to_server, servicer),
-        #               compute.SERVICE_NAME, servicer.drain),
+        Service(
+            partial(
+                flavours_pb2_grpc.add_FlavoursServicer_to_server, flavours.FlavoursServicer(node)
+            ),
+            flavours.SERVICE_NAME,
+        ),
     ]
 
 
@@ -105,6 +115,8 @@ class ApiNode:
         self._metrics = metrics.ApiMetrics()
         self._metrics_endpoint: metrics.MetricsEndpoint | None = None
         self._server: grpc.aio.Server | None = None
+        self._projector: Projector | None = None
+        self.node: Node | None = None
         self._started = False
         self._stopping: asyncio.Future[None] | None = None
         self._stopped = asyncio.Event()
@@ -149,7 +161,17 @@ class ApiNode:
         if self._log is None:
             _ensure_sqlite_dir(cfg.eventlog_url)
             self._log = await SqlEventLog.open(cfg.eventlog_url)
-        self._services = list(self._service_factory(self._log))
+        self._projector = Projector(self._log)
+        await self._projector.catch_up()
+        self._projector.start()
+        model = self._projector.model
+        self.node = Node(
+            log=self._log,
+            model=model,
+            runner=CommandRunner(self._log, model),
+            authenticator=Authenticator(cfg.auth_secret),
+        )
+        self._services = list(self._service_factory(self.node))
         names = [s.name for s in self._services]
         server = grpc.aio.server(
             interceptors=[metrics.MetricsInterceptor(self._metrics)],
@@ -191,6 +213,8 @@ class ApiNode:
             if self._metrics_endpoint is not None:
                 # Blocks for up to the HTTP server's 0.5 s poll interval: keep the loop free.
                 await asyncio.to_thread(self._metrics_endpoint.close)
+            if self._projector is not None:
+                await self._projector.stop()
             if self._log is not None and self._owns_log:
                 await self._log.close()
         finally:
@@ -286,8 +310,20 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ApiConfig, str]:
         default=DEFAULT_GRACE_S,
         help="seconds in-flight RPCs get at shutdown (default %(default)s)",
     )
+    p.add_argument(
+        "--auth-secret-file",
+        type=Path,
+        default=env("VIM_AUTH_SECRET_FILE"),
+        help="file holding the bearer-token signing secret (env VIM_AUTH_SECRET_FILE, "
+        "or the secret itself in VIM_AUTH_SECRET)",
+    )
     p.add_argument("--log-level", default=env("VIM_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
+    secret = env("VIM_AUTH_SECRET", "").encode()
+    if a.auth_secret_file:
+        secret = Path(a.auth_secret_file).read_bytes().strip()
+    if len(secret) < 32:
+        p.error("a token secret of at least 32 bytes is required (--auth-secret-file)")
     config = ApiConfig(
         listen=a.listen,
         eventlog_url=a.eventlog_url,
@@ -295,6 +331,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ApiConfig, str]:
         port_file=a.port_file,
         metrics_port_file=a.metrics_port_file,
         grace_s=a.grace,
+        auth_secret=secret,
     )
     return config, a.log_level
 
