@@ -27,7 +27,10 @@ from typing import Any
 import grpc
 
 from vim._gen.vim.v1 import common_pb2, events_pb2, events_pb2_grpc
+from vim.api.auth import READ
 from vim.api.errors import abort_for, refuse
+from vim.api.node import Node
+from vim.app.commands import Principal
 from vim.errors import (
     FieldViolation,
     Unavailable,
@@ -54,8 +57,9 @@ _Context = grpc.aio.ServicerContext[Any, Any]
 class EventLogServicer(events_pb2_grpc.EventLogServicer):
     """Serves one event log; `drain()` ends every open Watch when the node stops."""
 
-    def __init__(self, log: EventLog) -> None:
-        self._log = log
+    def __init__(self, node: Node) -> None:
+        self._node = node
+        self._log: EventLog = node.log
         self._watches: set[Subscription] = set()
         self._draining = False
 
@@ -64,6 +68,7 @@ class EventLogServicer(events_pb2_grpc.EventLogServicer):
     ) -> AsyncIterator[events_pb2.RecordedEvent]:
         """Every matching event after from_position, caught up and then live."""
         try:
+            principal = await self._node.caller(context, READ, "Watch")
             refuse(
                 _position_violations("from_position", request.from_position)
                 + _name_violations("types", request.types, model.EVENT_TYPE_RE, "PascalCase")
@@ -81,7 +86,8 @@ class EventLogServicer(events_pb2_grpc.EventLogServicer):
                 await context.send_initial_metadata(())
                 if not self._draining:  # drain() may have run before the add above
                     async for event in sub:
-                        yield to_proto(event)
+                        if _visible(principal, event):
+                            yield to_proto(event)
             finally:
                 self._watches.discard(sub)
                 await sub.close()
@@ -97,7 +103,8 @@ class EventLogServicer(events_pb2_grpc.EventLogServicer):
     ) -> events_pb2.ListEventsResponse:
         """Up to `limit` matching events after `after`, and where to continue."""
         try:
-            return await self._list(request)
+            principal = await self._node.caller(context, READ, "ListEvents")
+            return await self._list(request, principal)
         except VimError as exc:
             await abort_for(context, exc)
 
@@ -106,6 +113,7 @@ class EventLogServicer(events_pb2_grpc.EventLogServicer):
     ) -> events_pb2.GetHeadResponse:
         """The newest position."""
         try:
+            await self._node.caller(context, READ, "GetHead")
             head = await self._log.head()
         except VimError as exc:
             await abort_for(context, exc)
@@ -117,7 +125,9 @@ class EventLogServicer(events_pb2_grpc.EventLogServicer):
         for sub in list(self._watches):
             await sub.close()
 
-    async def _list(self, request: events_pb2.ListEventsRequest) -> events_pb2.ListEventsResponse:
+    async def _list(
+        self, request: events_pb2.ListEventsRequest, principal: Principal
+    ) -> events_pb2.ListEventsResponse:
         violations = _position_violations("after", request.after) + _name_violations(
             "types", request.types, model.EVENT_TYPE_RE, "PascalCase"
         )
@@ -139,10 +149,15 @@ class EventLogServicer(events_pb2_grpc.EventLogServicer):
         last = events[-1].position if events else request.after
         following = last if len(events) == limit else max(head, last)
         return events_pb2.ListEventsResponse(
-            events=[to_proto(e) for e in events],
+            events=[to_proto(e) for e in events if _visible(principal, e)],
             next=common_pb2.LogPosition(position=following),
             head=common_pb2.LogPosition(position=max(head, following)),
         )
+
+
+def _visible(principal: Principal, event: model.RecordedEvent) -> bool:
+    """The log is the audit trail of every tenant: others see only their own events."""
+    return principal.is_admin or event.metadata.tenant == principal.tenant
 
 
 def to_proto(event: model.RecordedEvent) -> events_pb2.RecordedEvent:

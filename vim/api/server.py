@@ -80,7 +80,7 @@ ServiceFactory = Callable[[Node], Sequence[Service]]
 
 def default_services(node: Node) -> list[Service]:
     """Every service a node serves; register new servicers here."""
-    event_log = events.EventLogServicer(node.log)
+    event_log = events.EventLogServicer(node)
     return [
         Service(
             partial(events_pb2_grpc.add_EventLogServicer_to_server, event_log),
