@@ -18,12 +18,14 @@ from vim.api.auth import ADMIN, READ
 from vim.api.errors import refuse, rpc
 from vim.api.node import Ctx, Node, view_to
 from vim.app.commands import Change, Decision
-from vim.domain import flavor
+from vim.domain import flavor, names
 from vim.errors import FieldViolation, NotFound
 from vim.projections.readmodel import ReadModel, register_kind
 
 SERVICE_NAME = "vim.v1.Flavours"
 register_kind(flavor.KIND, flavor.evolve)
+register_kind(names.KIND, names.evolve)
+NAME_SCOPE = "flavor"
 
 MAX_VCPUS = 1024
 MAX_RAM_MB = 16 * 1024 * 1024
@@ -61,6 +63,11 @@ class FlavoursServicer(flavours_pb2_grpc.FlavoursServicer):
         flavor_id, at = v.new_id(), v.now()
 
         def decide(model: ReadModel) -> Decision:
+            name_sid = names.stream(NAME_SCOPE, request.name)
+            owner = model.get(name_sid)
+            claimed = names.claim(
+                owner.state if owner else None, NAME_SCOPE, request.name, flavor_id
+            )
             event = flavor.create(
                 live(model),
                 flavor_id,
@@ -73,7 +80,10 @@ class FlavoursServicer(flavours_pb2_grpc.FlavoursServicer):
                 at,
             )
             return Decision(
-                [Change(flavor.stream(flavor_id), 0, [event])],
+                [
+                    Change(flavor.stream(flavor_id), 0, [event]),
+                    Change(name_sid, model.version(name_sid), [claimed]),
+                ],
                 flavor.evolve(None, event).view(),
             )
 
@@ -119,8 +129,15 @@ class FlavoursServicer(flavours_pb2_grpc.FlavoursServicer):
             sid = flavor.stream(request.flavour_id)
             entry = model.get(sid)
             event = flavor.delete(entry.state if entry else None, request.flavour_id, at)
+            assert entry is not None
+            name_sid = names.stream(NAME_SCOPE, entry.state.name)
+            released = names.release(NAME_SCOPE, entry.state.name, request.flavour_id)
             return Decision(
-                [Change(sid, model.version(sid), [event])], {"flavourId": request.flavour_id}
+                [
+                    Change(sid, model.version(sid), [event]),
+                    Change(name_sid, model.version(name_sid), [released]),
+                ],
+                {"flavourId": request.flavour_id},
             )
 
         out = await self._node.runner.run(ctx, decide)

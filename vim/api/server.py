@@ -33,8 +33,8 @@ import grpc
 import structlog
 from grpc_reflection.v1alpha import reflection
 
-from vim._gen.vim.v1 import events_pb2_grpc, flavours_pb2_grpc
-from vim.api import events, flavours, health, metrics
+from vim._gen.vim.v1 import admin_pb2_grpc, events_pb2_grpc, flavours_pb2_grpc
+from vim.api import admin, events, flavours, health, metrics
 from vim.api.auth import Authenticator
 from vim.api.node import Node
 from vim.app.commands import CommandRunner
@@ -86,6 +86,10 @@ def default_services(node: Node) -> list[Service]:
             partial(events_pb2_grpc.add_EventLogServicer_to_server, event_log),
             events.SERVICE_NAME,
             event_log.drain,
+        ),
+        Service(
+            partial(admin_pb2_grpc.add_AdminServicer_to_server, admin.AdminServicer(node)),
+            admin.SERVICE_NAME,
         ),
         Service(
             partial(

@@ -28,8 +28,13 @@ class DomainEvent:
     SCHEMA_VERSION: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kw: Any) -> None:
-        super().__init_subclass__(**kw)
-        if cls.__name__ in _REGISTRY and _REGISTRY[cls.__name__] is not cls:
+        # `dataclass(slots=True)` builds a second class of the same name: the later
+        # one (the one the module ends up with) replaces the first.
+        old = _REGISTRY.get(cls.__name__)
+        if old is not None and (old.__module__, old.__qualname__) != (
+            cls.__module__,
+            cls.__qualname__,
+        ):
             raise TypeError(f"event type {cls.__name__} is defined twice")
         _REGISTRY[cls.__name__] = cls
 

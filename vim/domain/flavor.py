@@ -2,8 +2,9 @@
 
 A flavour is created by an admin, is immutable, and is deleted (a tombstone:
 servers made from it keep their copy of its sizes). Stream: `flavor-<id>`.
-Names are unique among live flavours; the check is made against the read model,
-which is enough for an admin-only, low-rate resource.
+Names are unique among live flavours: the API claims the name in a `names`
+stream in the same append (see `vim.domain.names`), so concurrent creations
+with one name cannot both succeed.
 """
 
 from __future__ import annotations

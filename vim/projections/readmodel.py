@@ -117,6 +117,16 @@ class ReadModel:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def adopt(self, other: ReadModel) -> None:
+        """Take over a rebuilt model's state; both must be at the same position."""
+        if other.position != self.position:
+            raise ValueError(
+                f"cannot adopt a model at {other.position}, this is at {self.position}"
+            )
+        self._entries = other._entries
+        self._by_kind = other._by_kind
+        self.advanced()
+
 
 class Projector:
     """Keeps a ReadModel following the log; `run()` until `stop()`."""
@@ -159,8 +169,29 @@ class Projector:
             self._task = None
 
 
-async def rebuild(log: EventLog) -> ReadModel:
-    """A fresh model replayed from position 0 (the projection rebuild)."""
-    projector = Projector(log)
-    await projector.catch_up()
-    return projector.model
+async def replay(log: EventLog, upto: int, model: ReadModel | None = None) -> ReadModel:
+    """A model replayed from the log (from `model`'s position, or from 0) up to `upto`."""
+    model = model or ReadModel()
+    while model.position < upto:
+        batch = await log.read_all(after=model.position, limit=min(2000, upto - model.position))
+        if not batch:
+            break
+        for e in batch:
+            model.apply(e)
+    return model
+
+
+async def rebuild(log: EventLog, live: ReadModel) -> tuple[str, str, int]:
+    """Drop the live model's state and rebuild it by replay from position 0.
+
+    Returns (digest before, digest after, position). The replay is brought to the
+    live model's position (which may move while it runs) and swapped in without
+    an await in between, so no event is lost or applied twice. The digests are
+    equal unless the live model had drifted from the log, which would be a bug.
+    """
+    fresh = await replay(log, live.position)
+    while fresh.position < live.position:
+        fresh = await replay(log, live.position, fresh)
+    before = live.digest()
+    live.adopt(fresh)
+    return before, live.digest(), live.position
