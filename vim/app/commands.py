@@ -5,6 +5,10 @@ Every mutating RPC ends up in `CommandRunner.run`:
 1. A repeat of a request id (scoped by tenant) returns the stored response of the
    first execution, and a reuse with another body is refused, before anything
    is decided: the state may have moved since, so deciding again could differ.
+   The stored record is read only when the read model has seen the request id
+   (it indexes every applied append's id). When this node lags behind the first
+   execution, its decision is made on the state before it, and the log itself
+   answers the append with the stored result: both paths return the first answer.
 2. `decide(model)` reads current states from the read model and returns the
    changes (stream, expected version, events) and the response, a JSON dict.
 3. The append carries the principal, request id, correlation id and the stored
@@ -97,10 +101,11 @@ class CommandRunner:
 
     async def run(self, ctx: CommandContext, decide: Decide) -> Outcome:
         rid = f"{ctx.principal.tenant}:{ctx.request_id}"
-        replay = await self._replay(rid, ctx.fingerprint)
-        if replay is not None:
-            return replay
         for attempt in range(1, MAX_ATTEMPTS + 1):
+            if rid in self._model.request_ids:
+                replay = await self._replay(rid, ctx.fingerprint)
+                if replay is not None:
+                    return replay
             decision = decide(self._model)
             if not decision.changes:
                 return Outcome(decision.response, self._model.position, replayed=False)

@@ -55,12 +55,16 @@ class ReadModel:
         self._entries: dict[str, Entry] = {}
         self._by_kind: dict[str, dict[str, Entry]] = {}
         self._advanced = asyncio.Event()
+        self.request_ids: set[str] = set()
+        """Request ids of every applied append: a command whose id is here was done."""
 
     def apply(self, e: RecordedEvent) -> None:
         """Fold one event; events must come in position order, each exactly once."""
         if e.position <= self.position:
             return
         self.position = e.position
+        if e.metadata.request_id:
+            self.request_ids.add(e.metadata.request_id)
         kind = e.stream_kind
         evolve = _KINDS.get(kind)
         event = parse(e.type, e.data)
@@ -125,6 +129,7 @@ class ReadModel:
             )
         self._entries = other._entries
         self._by_kind = other._by_kind
+        self.request_ids = other.request_ids
         self.advanced()
 
 
@@ -133,7 +138,7 @@ class Projector:
 
     def __init__(self, log: EventLog, model: ReadModel | None = None) -> None:
         self._log = log
-        self.model = model or ReadModel()
+        self.model = model if model is not None else ReadModel()
         self._task: asyncio.Task[None] | None = None
 
     async def catch_up(self) -> None:
@@ -171,7 +176,7 @@ class Projector:
 
 async def replay(log: EventLog, upto: int, model: ReadModel | None = None) -> ReadModel:
     """A model replayed from the log (from `model`'s position, or from 0) up to `upto`."""
-    model = model or ReadModel()
+    model = model if model is not None else ReadModel()
     while model.position < upto:
         batch = await log.read_all(after=model.position, limit=min(2000, upto - model.position))
         if not batch:
