@@ -73,9 +73,9 @@ async def test_concurrent_commands_on_one_stream_are_retried_not_lost(tmp_path: 
         return decide
 
     try:
-        outs = await asyncio.gather(*(runner.run(ctx(f"r{i}"), bump(i)) for i in range(15)))
-        assert sorted(o.response["i"] for o in outs) == list(range(15))
-        assert await log.stream_version(flavor.stream("counter")) == 15
+        outs = await asyncio.gather(*(runner.run(ctx(f"r{i}"), bump(i)) for i in range(60)))
+        assert sorted(o.response["i"] for o in outs) == list(range(60))
+        assert await log.stream_version(flavor.stream("counter")) == 60
     finally:
         await projector.stop()
         await log.close()

@@ -15,14 +15,20 @@ Every mutating RPC ends up in `CommandRunner.run`:
    response. On a version conflict the node waits until its read model has the
    newer version and decides again (bounded), which is how concurrent
    allocations against one quota or one IPAM pool serialise without overshoot.
+   After a conflict on a stream, later attempts on this node take a lock for that
+   stream: commands contending for one quota or one pool then decide one after
+   another here (each sees the previous one's effect) instead of all retrying in
+   rounds with one winner each. Other nodes still conflict and retry, with jitter.
 4. The node waits until its read model has applied the append (read-your-writes)
    and returns the response with the append's position.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,29 +104,42 @@ class CommandRunner:
         self._log = log
         self._model = model
         self._timeout = wait_timeout_s
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def run(self, ctx: CommandContext, decide: Decide) -> Outcome:
         rid = f"{ctx.principal.tenant}:{ctx.request_id}"
+        contended: str | None = None
         for attempt in range(1, MAX_ATTEMPTS + 1):
-            if rid in self._model.request_ids:
-                replay = await self._replay(rid, ctx.fingerprint)
-                if replay is not None:
-                    return replay
-            decision = decide(self._model)
-            if not decision.changes:
-                return Outcome(decision.response, self._model.position, replayed=False)
+            lock = self._locks.setdefault(contended, asyncio.Lock()) if contended else None
             try:
-                result = await self._log.append(self._request(ctx, rid, decision))
+                if lock is not None:
+                    await lock.acquire()
+                return await self._attempt(ctx, rid, decide)
             except VersionConflict as conflict:
                 if attempt == MAX_ATTEMPTS:
                     raise
                 await self._model.wait_for_version(
                     conflict.stream_id, conflict.actual, self._timeout
                 )
-                continue
-            await self._model.wait_for(result.last_position, self._timeout)
-            return Outcome(result.response or {}, result.last_position, result.replayed)
+                if contended == conflict.stream_id:  # another node won: back off a little
+                    await asyncio.sleep(random.uniform(0, 0.002 * attempt))
+                contended = conflict.stream_id
+            finally:
+                if lock is not None:
+                    lock.release()
         raise AssertionError("unreachable")
+
+    async def _attempt(self, ctx: CommandContext, rid: str, decide: Decide) -> Outcome:
+        if rid in self._model.request_ids:
+            replay = await self._replay(rid, ctx.fingerprint)
+            if replay is not None:
+                return replay
+        decision = decide(self._model)
+        if not decision.changes:
+            return Outcome(decision.response, self._model.position, replayed=False)
+        result = await self._log.append(self._request(ctx, rid, decision))
+        await self._model.wait_for(result.last_position, self._timeout)
+        return Outcome(result.response or {}, result.last_position, result.replayed)
 
     async def _replay(self, rid: str, fp: str) -> Outcome | None:
         stored = await self._log.lookup_request(rid)
