@@ -4,6 +4,11 @@ Each test starts its own node (`--listen 127.0.0.1:0`, ports read from port file
 on its own log file, waits with a deadline until health says SERVING, and talks
 to it with the synchronous gRPC client. Events are appended by this process
 through `SqlEventLog` on the same file, as another writer of the log would.
+
+Every RPC needs a bearer token: `Node.channel()` adds an admin token to each
+call (`channel(token=None)` sends none). The nodes here serve plaintext
+(`--insecure`); `test_tls.py` covers TLS. `start_node` is shared with the other
+subprocess tests (`test_tls.py`, `test_grpcurl.py`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 import pytest
@@ -28,6 +33,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from vim._gen.vim.v1 import events_pb2, events_pb2_grpc
+from vim.api.auth import Authenticator
 from vim.eventlog.model import (
     ANY_VERSION,
     NO_STREAM,
@@ -40,7 +46,26 @@ from vim.eventlog.model import (
 from vim.eventlog.sql import SqlEventLog
 
 DEADLINE_S = 20.0
+SECRET = "e2e-secret-of-at-least-32-bytes!!"
+AUTH = Authenticator(SECRET.encode())
+ADMIN_TOKEN = AUTH.mint("root", "ops", ["admin"])
 T = TypeVar("T")
+
+
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds `authorization: Bearer <token>` to every call of a synchronous channel."""
+
+    def __init__(self, token: str) -> None:
+        self._md = ("authorization", f"Bearer {token}")
+
+    def _with_token(self, details: Any) -> Any:
+        return details._replace(metadata=(*(details.metadata or ()), self._md))
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._with_token(details), request)
 
 
 def _until(what: str, probe: Callable[[], T | None], deadline_s: float = DEADLINE_S) -> T:
@@ -62,13 +87,19 @@ class Node:
     port: int
     metrics_port: int
     output: Path
+    credentials: grpc.ChannelCredentials | None = None
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.address)
+    def channel(self, token: str | None = ADMIN_TOKEN) -> grpc.Channel:
+        """A channel to the node (TLS if it has credentials) whose calls carry `token`."""
+        if self.credentials is None:
+            channel = grpc.insecure_channel(self.address)
+        else:
+            channel = grpc.secure_channel(self.address, self.credentials)
+        return channel if token is None else grpc.intercept_channel(channel, _Bearer(token))
 
     def logs(self) -> str:
         return self.output.read_text(encoding="utf-8", errors="replace")
@@ -97,8 +128,22 @@ def _serving(channel: grpc.Channel) -> bool | None:
         return None
 
 
-def start_node(workdir: Path) -> Node:
-    """Start `python -m vim.api.server` and wait until it reports SERVING."""
+def node_env(**extra: str) -> dict[str, str]:
+    """This environment without any VIM_* setting, plus the token secret and `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIM_")}
+    return {**env, "VIM_AUTH_SECRET": SECRET, **extra}
+
+
+def start_node(
+    workdir: Path,
+    *args: str,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> Node:
+    """Start `python -m vim.api.server` and wait until it reports SERVING.
+
+    `args` default to `--insecure`; pass TLS flags (and the `credentials` to
+    probe health with) for a TLS node.
+    """
     url = f"sqlite:///{workdir / 'eventlog.db'}"
     port_file, metrics_file = workdir / "api.port", workdir / "metrics.port"
     output = workdir / "vim-api.log"
@@ -109,18 +154,30 @@ def start_node(workdir: Path) -> Node:
                 *("--metrics-listen", "127.0.0.1:0", "--grace", "2"),
                 *("--port-file", str(port_file), "--metrics-port-file", str(metrics_file)),
                 *("--eventlog-url", url),
+                *(args or ("--insecure",)),
             ],
             cwd=workdir,
             stdout=sink,
             stderr=subprocess.STDOUT,
-            env={k: v for k, v in os.environ.items() if not k.startswith("VIM_")},
+            env=node_env(),
         )
     port = _until("the port file", lambda: _read_port(port_file, proc, output))
     metrics_port = _until("the metrics port file", lambda: _read_port(metrics_file, proc, output))
-    node = Node(proc, url, port, metrics_port, output)
+    node = Node(proc, url, port, metrics_port, output, credentials)
     with node.channel() as channel:
         _until("health SERVING", lambda: _serving(channel))
     return node
+
+
+def stop_node(n: Node) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within the deadline."""
+    if n.proc.poll() is None:
+        n.proc.send_signal(signal.SIGTERM)
+        try:
+            n.proc.wait(timeout=DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            n.proc.kill()
+            n.proc.wait()
 
 
 @pytest.fixture
@@ -129,13 +186,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
     try:
         yield n
     finally:
-        if n.proc.poll() is None:
-            n.proc.send_signal(signal.SIGTERM)
-            try:
-                n.proc.wait(timeout=DEADLINE_S)
-            except subprocess.TimeoutExpired:
-                n.proc.kill()
-                n.proc.wait()
+        stop_node(n)
 
 
 def append(url: str, *requests: AppendRequest) -> list[AppendResult]:
@@ -151,18 +202,23 @@ def append(url: str, *requests: AppendRequest) -> list[AppendResult]:
     return asyncio.run(run())
 
 
-def host_registered(*names: str, correlation_id: str = "corr-1") -> AppendRequest:
+def probe_registered(*names: str, correlation_id: str = "corr-1") -> AppendRequest:
     return AppendRequest(
         streams=[
-            StreamAppend(f"host-{n}", NO_STREAM, [NewEvent("HostRegistered", {"hostname": n})])
+            StreamAppend(f"probe-{n}", NO_STREAM, [NewEvent("ProbeRegistered", {"hostname": n})])
             for n in names
         ],
         metadata=Metadata(actor="e2e", correlation_id=correlation_id),
     )
 
 
-def one(stream_id: str, type_: str, data: dict[str, object]) -> AppendRequest:
-    return AppendRequest(streams=[StreamAppend(stream_id, ANY_VERSION, [NewEvent(type_, data)])])
+def one(
+    stream_id: str, type_: str, data: dict[str, object], tenant: str | None = None
+) -> AppendRequest:
+    return AppendRequest(
+        streams=[StreamAppend(stream_id, ANY_VERSION, [NewEvent(type_, data)])],
+        metadata=Metadata(tenant=tenant),
+    )
 
 
 def bad_request_fields(err: grpc.RpcError) -> list[str]:
@@ -189,11 +245,65 @@ def test_health_reports_serving_for_node_and_each_service(node: Node) -> None:
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_calls_without_a_token_are_unauthenticated(node: Node) -> None:
+    with node.channel(token=None) as channel:
+        stub = events_pb2_grpc.EventLogStub(channel)
+        for call in (
+            lambda: stub.GetHead(events_pb2.GetHeadRequest(), timeout=DEADLINE_S),
+            lambda: stub.ListEvents(events_pb2.ListEventsRequest(), timeout=DEADLINE_S),
+            lambda: next(stub.Watch(events_pb2.WatchEventsRequest(), timeout=DEADLINE_S)),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        forged = Authenticator(b"x" * 32).mint("root", "ops", ["admin"])
+        with node.channel(token=forged) as bad, pytest.raises(grpc.RpcError) as err:
+            events_pb2_grpc.EventLogStub(bad).GetHead(events_pb2.GetHeadRequest())
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_reader_can_watch_and_list(node: Node) -> None:
+    append(node.url, one("probe-cmp-01", "ProbeRegistered", {}, tenant="t1"))
+    reader = AUTH.mint("rita", "t1", ["reader"])
+    with node.channel(token=reader) as channel:
+        stub = events_pb2_grpc.EventLogStub(channel)
+        listed = stub.ListEvents(events_pb2.ListEventsRequest(), timeout=DEADLINE_S)
+        assert [e.position for e in listed.events] == [1]
+        watch = stub.Watch(events_pb2.WatchEventsRequest(), timeout=DEADLINE_S)
+        assert next(watch).position == 1
+        watch.cancel()
+
+
+def test_a_non_admin_sees_only_its_own_tenants_events(node: Node) -> None:
+    append(
+        node.url,
+        one("gadget-1", "GadgetRequested", {"n": 1}, tenant="t1"),
+        one("gadget-2", "GadgetRequested", {"n": 2}, tenant="t2"),
+        one("gadget-3", "GadgetRequested", {"n": 3}, tenant="t1"),
+        one("probe-cmp-01", "ProbeRegistered", {}),  # no tenant: the operator's
+    )
+    member = AUTH.mint("tom", "t1", ["member"])
+    with node.channel(token=member) as channel:
+        stub = events_pb2_grpc.EventLogStub(channel)
+        mine = stub.ListEvents(events_pb2.ListEventsRequest(), timeout=DEADLINE_S)
+        assert [e.position for e in mine.events] == [1, 3]
+        assert {e.metadata.tenant for e in mine.events} == {"t1"}
+        assert mine.next.position == 4  # the scan still covered everything
+        watch = stub.Watch(events_pb2.WatchEventsRequest(), timeout=DEADLINE_S)
+        assert [next(watch).position for _ in range(2)] == [1, 3]
+        watch.cancel()
+    with node.channel() as channel:  # the admin sees every tenant's
+        everything = events_pb2_grpc.EventLogStub(channel).ListEvents(
+            events_pb2.ListEventsRequest(), timeout=DEADLINE_S
+        )
+        assert [e.position for e in everything.events] == [1, 2, 3, 4]
+
+
 def test_watch_from_zero_receives_appended_events_in_order_then_follows(node: Node) -> None:
     first = append(
         node.url,
-        host_registered("cmp-01", "cmp-02", "cmp-03", correlation_id="corr-hosts"),
-        one("server-7", "ServerRequested", {"name": "vm-7", "vcpus": 2}),
+        probe_registered("cmp-01", "cmp-02", "cmp-03", correlation_id="corr-hosts"),
+        one("gadget-7", "GadgetRequested", {"name": "vm-7", "vcpus": 2}),
     )
     assert [r.last_position for r in first] == [3, 4]
     with node.channel() as channel:
@@ -202,13 +312,13 @@ def test_watch_from_zero_receives_appended_events_in_order_then_follows(node: No
         got = [next(call) for _ in range(4)]
         assert [e.position for e in got] == [1, 2, 3, 4]
         assert [e.stream_id for e in got] == [
-            "host-cmp-01",
-            "host-cmp-02",
-            "host-cmp-03",
-            "server-7",
+            "probe-cmp-01",
+            "probe-cmp-02",
+            "probe-cmp-03",
+            "gadget-7",
         ]
         assert [e.version for e in got] == [1, 1, 1, 1]
-        assert got[0].type == "HostRegistered"
+        assert got[0].type == "ProbeRegistered"
         assert dict(got[0].data) == {"hostname": "cmp-01"}
         assert got[0].metadata.correlation_id == "corr-hosts"
         assert got[0].metadata.actor == "e2e"
@@ -217,29 +327,29 @@ def test_watch_from_zero_receives_appended_events_in_order_then_follows(node: No
         assert got[3].data["vcpus"] == 2
 
         # Live: an append made while the stream is open arrives next, in order.
-        append(node.url, one("server-7", "ServerScheduled", {"host": "cmp-02"}))
+        append(node.url, one("gadget-7", "GadgetScheduled", {"host": "cmp-02"}))
         live = next(call)
-        assert (live.position, live.type, live.version) == (5, "ServerScheduled", 2)
+        assert (live.position, live.type, live.version) == (5, "GadgetScheduled", 2)
         call.cancel()
 
 
 def test_watch_filters_by_type_and_stream_kind(node: Node) -> None:
     append(
         node.url,
-        host_registered("cmp-01"),
-        one("server-1", "ServerRequested", {}),
-        one("server-1", "ServerScheduled", {"host": "cmp-01"}),
-        one("host-cmp-01", "HostMaintenanceStarted", {}),
+        probe_registered("cmp-01"),
+        one("gadget-1", "GadgetRequested", {}),
+        one("gadget-1", "GadgetScheduled", {"host": "cmp-01"}),
+        one("probe-cmp-01", "ProbeMaintenanceStarted", {}),
     )
     with node.channel() as channel:
         stub = events_pb2_grpc.EventLogStub(channel)
-        servers = stub.Watch(
-            events_pb2.WatchEventsRequest(stream_kinds=["server"]), timeout=DEADLINE_S
+        gadgets = stub.Watch(
+            events_pb2.WatchEventsRequest(stream_kinds=["gadget"]), timeout=DEADLINE_S
         )
-        assert [next(servers).position for _ in range(2)] == [2, 3]
-        servers.cancel()
+        assert [next(gadgets).position for _ in range(2)] == [2, 3]
+        gadgets.cancel()
         typed = stub.Watch(
-            events_pb2.WatchEventsRequest(from_position=1, types=["HostMaintenanceStarted"]),
+            events_pb2.WatchEventsRequest(from_position=1, types=["ProbeMaintenanceStarted"]),
             timeout=DEADLINE_S,
         )
         assert next(typed).position == 4
@@ -247,7 +357,7 @@ def test_watch_filters_by_type_and_stream_kind(node: Node) -> None:
 
 
 def test_list_events_pages_by_position_and_get_head(node: Node) -> None:
-    append(node.url, *(one(f"server-{i}", "ServerRequested", {"i": i}) for i in range(7)))
+    append(node.url, *(one(f"gadget-{i}", "GadgetRequested", {"i": i}) for i in range(7)))
     with node.channel() as channel:
         stub = events_pb2_grpc.EventLogStub(channel)
         assert stub.GetHead(events_pb2.GetHeadRequest()).head.position == 7
@@ -275,13 +385,13 @@ def test_bad_input_is_invalid_argument_with_bad_request_details(node: Node) -> N
         assert "limit" in (err.value.details() or "")
 
         with pytest.raises(grpc.RpcError) as err:
-            stub.ListEvents(events_pb2.ListEventsRequest(types=["ok", "HostRegistered"]))
+            stub.ListEvents(events_pb2.ListEventsRequest(types=["ok", "ProbeRegistered"]))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert bad_request_fields(err.value) == ["types[0]"]
 
         watch = stub.Watch(
             events_pb2.WatchEventsRequest(
-                stream_kinds=["host", "Server-X"], from_position=2**64 - 1
+                stream_kinds=["probe", "Gadget-X"], from_position=2**64 - 1
             ),
             timeout=DEADLINE_S,
         )
@@ -322,7 +432,7 @@ def test_metrics_count_requests_by_method_and_code(node: Node) -> None:
 
 
 def test_sigterm_ends_watch_with_unavailable_and_exits_zero(node: Node) -> None:
-    append(node.url, host_registered("cmp-01"))
+    append(node.url, probe_registered("cmp-01"))
     with node.channel() as channel:
         stub = events_pb2_grpc.EventLogStub(channel)
         call = stub.Watch(events_pb2.WatchEventsRequest(), timeout=DEADLINE_S)
@@ -342,13 +452,14 @@ def test_second_node_on_a_taken_port_fails_to_start(node: Node, tmp_path: Path) 
     proc = subprocess.run(
         [
             *(sys.executable, "-m", "vim.api.server", "--listen", node.address),
-            *("--metrics-listen", "off", "--eventlog-url", node.url),
+            *("--metrics-listen", "off", "--eventlog-url", node.url, "--insecure"),
         ],
         check=False,
         cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=DEADLINE_S,
+        env=node_env(),
     )
     assert proc.returncode == 1
     assert "failed to start" in proc.stderr
@@ -368,5 +479,10 @@ def test_demo_tour_only_exits_zero(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "HostRegistered" in proc.stdout
+    assert "m1.small" in proc.stdout
+    assert "authorization: Bearer" in proc.stdout
     assert "FAILED" not in proc.stdout
-    assert (tmp_path / "var" / "demo" / "eventlog.db").exists()
+    demo = tmp_path / "var" / "demo"
+    assert (demo / "eventlog.db").exists()
+    assert (demo / "tls" / "ca.pem").exists()
+    assert (demo / "admin.token").stat().st_mode & 0o077 == 0

@@ -79,3 +79,22 @@ async def test_concurrent_commands_on_one_stream_are_retried_not_lost(tmp_path: 
     finally:
         await projector.stop()
         await log.close()
+
+
+async def test_a_malformed_event_is_skipped_not_fatal(tmp_path: Path) -> None:
+    from vim.eventlog.model import AppendRequest, NewEvent, StreamAppend
+
+    log = await SqlEventLog.open(f"sqlite:///{tmp_path}/log.db")
+    projector = Projector(log)
+    projector.start()
+    try:
+        bad = NewEvent("FlavorCreated", {"flavor_id": "x"})  # required fields missing
+        await log.append(AppendRequest([StreamAppend(flavor.stream("x"), 0, [bad])]))
+        r = await CommandRunner(log, projector.model).run(ctx("r1"), create("good"))
+        assert r.position == 2
+        assert projector.model.skipped == 1
+        assert projector.model.get(flavor.stream("good")) is not None
+        assert projector.model.get(flavor.stream("x")) is None
+    finally:
+        await projector.stop()
+        await log.close()

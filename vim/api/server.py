@@ -13,6 +13,12 @@ closes, and finally the event log closes (it is still needed by RPCs in grace).
 
 Before serving, the node replays the log into its read model (`Projector`) and
 then follows it. Every call needs a bearer token signed with the cluster secret.
+
+Transport: `vim-api` serves TLS (`--tls-cert`, `--tls-key`; with
+`--tls-client-ca` also mutual TLS, where clients must present a certificate that
+CA signed) and refuses to start without certificates unless `--insecure` asks
+for plaintext (demos and tests). An in-process `ApiConfig` without certificates
+serves plaintext.
 """
 
 from __future__ import annotations
@@ -33,8 +39,28 @@ import grpc
 import structlog
 from grpc_reflection.v1alpha import reflection
 
-from vim._gen.vim.v1 import admin_pb2_grpc, events_pb2_grpc, flavours_pb2_grpc
-from vim.api import admin, events, flavours, health, metrics
+from vim._gen.vim.v1 import (
+    admin_pb2_grpc,
+    compute_pb2_grpc,
+    events_pb2_grpc,
+    flavours_pb2_grpc,
+    hosts_pb2_grpc,
+    images_pb2_grpc,
+    networks_pb2_grpc,
+    quotas_pb2_grpc,
+)
+from vim.api import (
+    admin,
+    compute,
+    events,
+    flavours,
+    health,
+    hosts,
+    images,
+    metrics,
+    networks,
+    quotas,
+)
 from vim.api.auth import Authenticator
 from vim.api.node import Node
 from vim.app.commands import CommandRunner
@@ -65,6 +91,11 @@ class ApiConfig:
     max_receive_message_bytes: int = 4 * MiB
     auth_secret: bytes = b""
     """The shared secret bearer tokens are signed with (≥ 32 bytes)."""
+    tls_cert: Path | None = None
+    """PEM server certificate (chain); with `tls_key`, the node serves TLS only."""
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: when set, clients must present a certificate it signed (mTLS)."""
 
 
 class Service(NamedTuple):
@@ -96,6 +127,36 @@ def default_services(node: Node) -> list[Service]:
                 flavours_pb2_grpc.add_FlavoursServicer_to_server, flavours.FlavoursServicer(node)
             ),
             flavours.SERVICE_NAME,
+        ),
+        Service(
+            partial(hosts_pb2_grpc.add_HostsServicer_to_server, hosts.HostsServicer(node)),
+            hosts.SERVICE_NAME,
+        ),
+        Service(
+            partial(images_pb2_grpc.add_ImagesServicer_to_server, images.ImagesServicer(node)),
+            images.SERVICE_NAME,
+        ),
+        Service(
+            partial(quotas_pb2_grpc.add_QuotasServicer_to_server, quotas.QuotasServicer(node)),
+            quotas.SERVICE_NAME,
+        ),
+        Service(
+            partial(
+                quotas_pb2_grpc.add_ReservationsServicer_to_server,
+                quotas.ReservationsServicer(node),
+            ),
+            quotas.RESERVATIONS_SERVICE_NAME,
+        ),
+        Service(
+            partial(
+                networks_pb2_grpc.add_NetworksServicer_to_server,
+                networks.NetworksServicer(node),
+            ),
+            networks.SERVICE_NAME,
+        ),
+        Service(
+            partial(compute_pb2_grpc.add_ComputeServicer_to_server, compute.ComputeServicer(node)),
+            compute.SERVICE_NAME,
         ),
     ]
 
@@ -194,7 +255,7 @@ class ApiNode:
         reflection.enable_server_reflection(
             [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
-        self.port = _bind(server, cfg.listen)
+        self.port = _bind(server, cfg.listen, _server_credentials(cfg))
         if cfg.metrics_listen:
             self._metrics_endpoint = metrics.serve(self._metrics, cfg.metrics_listen)
         await server.start()
@@ -232,9 +293,28 @@ def _host(listen: str) -> str:
     return {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "[::]": "[::1]"}.get(host, host)
 
 
-def _bind(server: grpc.aio.Server, listen: str) -> int:
+def _server_credentials(cfg: ApiConfig) -> grpc.ServerCredentials | None:
+    """TLS (and mTLS with a client CA) from the config's PEM files; None for plaintext."""
+    if cfg.tls_cert is None and cfg.tls_key is None:
+        if cfg.tls_client_ca is not None:
+            raise ValueError("a client CA (mTLS) needs a server certificate and key")
+        return None
+    if cfg.tls_cert is None or cfg.tls_key is None:
+        raise ValueError("TLS needs both a certificate and its private key")
+    client_ca = cfg.tls_client_ca.read_bytes() if cfg.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(cfg.tls_key.read_bytes(), cfg.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def _bind(server: grpc.aio.Server, listen: str, creds: grpc.ServerCredentials | None) -> int:
     try:
-        port = server.add_insecure_port(listen)
+        if creds is None:
+            port = server.add_insecure_port(listen)
+        else:
+            port = server.add_secure_port(listen, creds)
     except RuntimeError as exc:
         raise OSError(f"cannot listen on {listen}: {exc}") from exc
     if port == 0:
@@ -321,8 +401,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ApiConfig, str]:
         help="file holding the bearer-token signing secret (env VIM_AUTH_SECRET_FILE, "
         "or the secret itself in VIM_AUTH_SECRET)",
     )
+    _add_tls_arguments(p)
     p.add_argument("--log-level", default=env("VIM_LOG_LEVEL", "INFO"))
     a = p.parse_args(argv)
+    _check_tls_arguments(p, a)
     secret = env("VIM_AUTH_SECRET", "").encode()
     if a.auth_secret_file:
         secret = Path(a.auth_secret_file).read_bytes().strip()
@@ -336,8 +418,52 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ApiConfig, str]:
         metrics_port_file=a.metrics_port_file,
         grace_s=a.grace,
         auth_secret=secret,
+        tls_cert=a.tls_cert,
+        tls_key=a.tls_key,
+        tls_client_ca=a.tls_client_ca,
     )
     return config, a.log_level
+
+
+def _add_tls_arguments(p: argparse.ArgumentParser) -> None:
+    env = os.environ.get
+    tls = p.add_argument_group(
+        "TLS", "TLS is on by default: give a certificate and key, or --insecure for plaintext"
+    )
+    tls.add_argument(
+        "--tls-cert", type=Path, default=env("VIM_TLS_CERT"), help="PEM server certificate"
+    )
+    tls.add_argument("--tls-key", type=Path, default=env("VIM_TLS_KEY"), help="PEM private key")
+    tls.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=env("VIM_TLS_CLIENT_CA"),
+        help="PEM CA: require and verify client certificates it signed (mutual TLS)",
+    )
+    tls.add_argument(
+        "--insecure",
+        action="store_true",
+        default=env("VIM_INSECURE", "") == "1",
+        help="serve plaintext gRPC (demos and tests only; env VIM_INSECURE=1)",
+    )
+
+
+def _check_tls_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Refuse, before anything starts, a node that would serve plaintext by accident."""
+    given = [f for f in ("tls_cert", "tls_key", "tls_client_ca") if getattr(a, f)]
+    if a.insecure:
+        if given:
+            p.error("--insecure (plaintext) conflicts with --tls-cert/--tls-key/--tls-client-ca")
+        return
+    if not (a.tls_cert and a.tls_key):
+        p.error(
+            "TLS is required: give --tls-cert and --tls-key (PEM files; "
+            "`python -m vim.security.certs` makes a CA and certificates), "
+            "or --insecure to serve plaintext for a demo or a test"
+        )
+    for flag in given:
+        if not Path(getattr(a, flag)).is_file():
+            p.error(f"--{flag.replace('_', '-')}: no such file: {getattr(a, flag)}")
 
 
 async def serve(config: ApiConfig) -> None:
@@ -349,7 +475,11 @@ async def serve(config: ApiConfig) -> None:
     node = ApiNode(config)
     await node.start()
     metrics_at = f", metrics on http://{_host(config.metrics_listen or '')}:{node.metrics_port}"
-    print(f"vim-api serving on {node.address}{metrics_at if node.metrics_port else ''}", flush=True)
+    tls = "TLS" if config.tls_cert else "plaintext"
+    print(
+        f"vim-api serving {tls} on {node.address}{metrics_at if node.metrics_port else ''}",
+        flush=True,
+    )
     await stop_requested.wait()
     await node.stop()
 

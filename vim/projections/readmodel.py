@@ -55,6 +55,8 @@ class ReadModel:
         self._entries: dict[str, Entry] = {}
         self._by_kind: dict[str, dict[str, Entry]] = {}
         self._advanced = asyncio.Event()
+        self.skipped = 0
+        """Events that could not be folded (malformed data, a bug in an evolve)."""
         self.request_ids: set[str] = set()
         """Request ids of every applied append: a command whose id is here was done."""
 
@@ -67,13 +69,24 @@ class ReadModel:
             self.request_ids.add(e.metadata.request_id)
         kind = e.stream_kind
         evolve = _KINDS.get(kind)
-        event = parse(e.type, e.data)
-        if evolve is not None and event is not None:
-            old = self._entries.get(e.stream_id)
+        if evolve is None:
+            return
+        old = self._entries.get(e.stream_id)
+        try:
+            event = parse(e.type, e.data)
+            if event is None:
+                return
             state = evolve(old.state if old else None, event, e)
-            entry = Entry(e.version, state)
-            self._entries[e.stream_id] = entry
-            self._by_kind.setdefault(kind, {})[e.stream_id] = entry
+        except Exception:
+            # A malformed or unexpected event must not stop the model following the
+            # log (the node would then serve ever staler data): it is skipped, counted
+            # and logged, and the stream keeps its last good state.
+            self.skipped += 1
+            log.exception("read model skipped event %d (%s on %s)", e.position, e.type, e.stream_id)
+            return
+        entry = Entry(e.version, state)
+        self._entries[e.stream_id] = entry
+        self._by_kind.setdefault(kind, {})[e.stream_id] = entry
 
     def advanced(self) -> None:
         """Wake everyone waiting for a position; called after a batch is applied."""

@@ -1,0 +1,1 @@
+"""Transport security helpers: a small private CA and the certificates it issues."""
