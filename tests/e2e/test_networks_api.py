@@ -431,3 +431,38 @@ async def test_overlapping_subnet_is_refused(api: Api) -> None:
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
     missing = await status_of(subnet(api, api.alice, NET_ID, "10.7.0.0/24"))
     assert missing.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_network_and_port_quotas_are_enforced_and_released(api: Api) -> None:
+    from vim._gen.vim.v1 import quotas_pb2, quotas_pb2_grpc
+
+    async with grpc.aio.insecure_channel(api.node.address) as channel:
+        quotas = quotas_pb2_grpc.QuotasStub(channel)
+        limits = quotas_pb2.QuotaLimits(networks=1, ports=2)
+        await quotas.CreateQuota(
+            quotas_pb2.CreateQuotaRequest(request_id=rid(), tenant_id="tenant-a", limits=limits),
+            metadata=api.admin,
+        )
+        net = await vlan(api, api.alice)
+        err = await status_of(vlan(api, api.alice, name="second"))
+        assert err.code() is grpc.StatusCode.FAILED_PRECONDITION
+        await subnet(api, api.alice, net.network_id, "10.9.0.0/24")
+        results = await asyncio.gather(
+            *(new_port(api, api.alice, net.network_id) for _ in range(6)),
+            return_exceptions=True,
+        )
+        made = [r for r in results if isinstance(r, pb.Port)]
+        assert len(made) == 2
+        assert all(
+            isinstance(r, grpc.aio.AioRpcError) and r.code() is grpc.StatusCode.FAILED_PRECONDITION
+            for r in results
+            if not isinstance(r, pb.Port)
+        )
+        await api.stub.TerminatePort(
+            pb.TerminatePortRequest(request_id=rid(), port_id=made[0].port_id), metadata=api.alice
+        )
+        await new_port(api, api.alice, net.network_id)
+        got = await quotas.GetQuota(
+            quotas_pb2.GetQuotaRequest(tenant_id="tenant-a"), metadata=api.alice
+        )
+        assert (got.used.networks, got.used.ports) == (1, 2)

@@ -50,7 +50,7 @@ def test_allocate_starts_building_with_a_copy_of_everything() -> None:
         PowerState.UNSPECIFIED,
     )
     assert s.flavor == FLAVOR and s.nics == (NIC,)
-    assert s.quota_amounts() == {"cores": 2, "ram_mb": 2048, "instances": 1}
+    assert s.quota_amounts() == {"cores": 2, "ram_mb": 2048, "instances": 1, "ports": 1}
     view = s.view()
     assert view["state"] == "SERVER_STATE_BUILDING"
     assert view["watchdog"] == "WATCHDOG_POLICY_RESET"

@@ -29,7 +29,7 @@ from vim.api import validation as v
 from vim.api.auth import READ, WRITE
 from vim.api.errors import refuse, rpc
 from vim.api.node import Ctx, Node, view_to
-from vim.app import ports
+from vim.app import ports, quotas
 from vim.app.commands import Change, Decision, Principal
 from vim.domain import ipam, network, port
 from vim.domain.base import DomainEvent
@@ -109,6 +109,9 @@ class NetworksServicer(networks_pb2_grpc.NetworksServicer):
             changes = [
                 Change(network.stream(network_id), 0, [created]),
                 Change(pool_sid, model.version(pool_sid), [seg]),
+                quotas.plan_consume(
+                    model, principal.tenant, {"networks": 1}, f"network {network_id}"
+                ),
             ]
             return Decision(changes, network.evolve(None, created).view())
 
@@ -198,6 +201,9 @@ class NetworksServicer(networks_pb2_grpc.NetworksServicer):
                 ),
                 Change(ipam.stream(state.network_id), ipam_version, [closed]),
                 Change(pool_sid, model.version(pool_sid), [released]),
+                quotas.plan_release(
+                    model, state.tenant_id, {"networks": 1}, f"network {state.network_id} ended"
+                ),
             ]
             # Its subnets go with it; a subnet not yet in this model conflicts and retries.
             for subnet_id in addresses.subnets:
@@ -344,7 +350,8 @@ class NetworksServicer(networks_pb2_grpc.NetworksServicer):
                 fixed_ips=wanted,
                 metadata=dict(request.metadata),
             )
-            return Decision(changes, view)
+            charge = quotas.plan_consume(model, principal.tenant, {"ports": 1}, f"port {port_id}")
+            return Decision([*changes, charge], view)
 
         response = await self._run(principal, request, "AllocatePort", context, decide)
         return _to(pb.Port(), response)
@@ -431,6 +438,11 @@ class NetworksServicer(networks_pb2_grpc.NetworksServicer):
             released = ipam.release(addresses, state.port_id)
             if released is not None:
                 changes.append(Change(ipam.stream(state.network_id), ipam_version, [released]))
+            changes.append(
+                quotas.plan_release(
+                    model, state.tenant_id, {"ports": 1}, f"port {state.port_id} ended"
+                )
+            )
             return Decision(changes, {"portId": state.port_id})
 
         response = await self._run(principal, request, "TerminatePort", context, decide)

@@ -257,7 +257,13 @@ class Server:
 
     def quota_amounts(self) -> dict[str, int]:
         """What the server holds of its tenant's quota."""
-        return {"cores": self.flavor.vcpus, "ram_mb": self.flavor.ram_mb, "instances": 1}
+        owned_ports = sum(1 for n in self.nics if n.owned)
+        return {
+            "cores": self.flavor.vcpus,
+            "ram_mb": self.flavor.ram_mb,
+            "instances": 1,
+            "ports": owned_ports,
+        }
 
     def view(self) -> dict[str, Any]:
         """The proto3 JSON view (the API's `Server` message)."""
