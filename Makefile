@@ -46,6 +46,7 @@ bench-quick: venv
 
 bench: venv
 	$(PY) -m bench.eventlog
+	$(PY) -m bench.api
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
