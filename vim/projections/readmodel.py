@@ -83,10 +83,14 @@ class ReadModel:
             # and logged, and the stream keeps its last good state.
             self.skipped += 1
             log.exception("read model skipped event %d (%s on %s)", e.position, e.type, e.stream_id)
+            if old is not None:
+                self._put(kind, e.stream_id, Entry(e.version, old.state))
             return
-        entry = Entry(e.version, state)
-        self._entries[e.stream_id] = entry
-        self._by_kind.setdefault(kind, {})[e.stream_id] = entry
+        self._put(kind, e.stream_id, Entry(e.version, state))
+
+    def _put(self, kind: str, stream_id: str, entry: Entry) -> None:
+        self._entries[stream_id] = entry
+        self._by_kind.setdefault(kind, {})[stream_id] = entry
 
     def advanced(self) -> None:
         """Wake everyone waiting for a position; called after a batch is applied."""
