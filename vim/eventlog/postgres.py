@@ -1,5 +1,8 @@
 """The PostgreSQL backend: psycopg 3 with a connection pool, pipelined statements.
 
+Array parameters go in binary (`%b`): the text format would escape every JSON
+string in Python, which was a third of an API node's CPU per allocation.
+
 One append batch is one transaction and two network round trips: the first
 pipeline locks the log head row (`FOR UPDATE`, which serialises writers across
 every process) and reads the batch's stream versions, request ids and fencing
@@ -51,22 +54,22 @@ _SELECT_EVENTS = (
 )
 _INSERT_EVENTS = (
     "INSERT INTO events (position, stream_id, version, event_id, type, schema_version, data, "
-    "metadata, recorded_at) SELECT * FROM unnest(%s::bigint[], %s::text[], %s::int[], "
-    "%s::text[], %s::text[], %s::int[], %s::text[], %s::text[], %s::timestamptz[])"
+    "metadata, recorded_at) SELECT * FROM unnest(%b::bigint[], %b::text[], %b::int[], "
+    "%b::text[], %b::text[], %b::int[], %b::text[], %b::text[], %b::timestamptz[])"
 )
 _UPSERT_STREAMS = (
     "INSERT INTO streams (stream_id, version, position) "
-    "SELECT * FROM unnest(%s::text[], %s::int[], %s::bigint[]) "
+    "SELECT * FROM unnest(%b::text[], %b::int[], %b::bigint[]) "
     "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
     "position = excluded.position"
 )
 _INSERT_REQUESTS = (
     "INSERT INTO requests (request_id, fingerprint, result, position, recorded_at) "
-    "SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::bigint[], "
-    "%s::timestamptz[])"
+    "SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::bigint[], "
+    "%b::timestamptz[])"
 )
 _UPSERT_TOKENS = (
-    "INSERT INTO fencing (role, token) SELECT * FROM unnest(%s::text[], %s::bigint[]) "
+    "INSERT INTO fencing (role, token) SELECT * FROM unnest(%b::text[], %b::bigint[]) "
     "ON CONFLICT (role) DO UPDATE SET token = excluded.token"
 )
 
