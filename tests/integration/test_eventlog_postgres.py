@@ -173,7 +173,15 @@ async def test_append_while_down_is_unavailable_and_recovers(own_pg: PostgresSer
         with pytest.raises(EventLogUnavailable):
             await log.read_all()
         await asyncio.to_thread(own_pg.restart)
-        r = await log.append(AppendRequest([StreamAppend("server-a", 1, [NewEvent("B", {})])]))
+        # Unavailable is retryable: the pool reconnects in the background, with backoff.
+        request = AppendRequest([StreamAppend("server-a", 1, [NewEvent("B", {})])])
+        async with asyncio.timeout(30):
+            while True:
+                try:
+                    r = await log.append(request)
+                    break
+                except EventLogUnavailable:
+                    await asyncio.sleep(0.1)  # retry backoff, not synchronisation
         assert r.versions == {"server-a": 2}
     finally:
         await log.close()
