@@ -73,3 +73,60 @@ class ServerCrashed(DomainEvent):
     hostname: str
     reason: str
     at: str
+
+
+# --- decided by the fault manager (vim-faultd, elected and fenced) ---------------------
+
+
+class FailureKind(enum.StrEnum):
+    COMPUTE_NODE = "COMPUTE_NODE"
+    """The agent or hypervisor software is down; the host still answers out of band."""
+    HARDWARE = "HARDWARE"
+    """The host is powered off or unreachable, out of band too."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostFailureDetected(DomainEvent):
+    """The host's liveness lapsed and the fault manager classified the failure."""
+
+    hostname: str
+    kind: str  # a FailureKind value
+    detail: str
+    lease_lost_at: str
+    at: str
+
+
+@dataclass(frozen=True, slots=True)
+class HostFenceConfirmed(DomainEvent):
+    """The host can no longer run its servers: powered off, or self-fenced past TTL + margin."""
+
+    hostname: str
+    method: str  # "redfish", "netns-power", "self-fence-timeout", ...
+    detail: str
+    at: str
+
+
+@dataclass(frozen=True, slots=True)
+class HostFenceFailed(DomainEvent):
+    hostname: str
+    method: str
+    reason: str
+    at: str
+
+
+@dataclass(frozen=True, slots=True)
+class HostRecovered(DomainEvent):
+    """The host is alive again (lease renewed) after a detected failure."""
+
+    hostname: str
+    at: str
+
+
+@dataclass(frozen=True, slots=True)
+class ServerRecoveryFailed(DomainEvent):
+    """A server of a failed host could not be recreated elsewhere (no capacity, ...)."""
+
+    server_id: str
+    hostname: str
+    reason: str
+    at: str
