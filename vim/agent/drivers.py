@@ -102,7 +102,7 @@ class HypervisorDriver(Protocol):
         """Every domain this agent manages (named `vim-...`), defined or running."""
 
     async def ensure_domain(self, spec: DomainSpec, power: DomainPower) -> DomainStatus:
-        """Define the domain from spec if missing (or redefine when it differs) and bring it to power."""
+        """Define the domain from spec if missing (redefine when it differs); bring it to power."""
 
     async def reboot_domain(self, server_id: str) -> None: ...
 
@@ -153,7 +153,10 @@ class SwitchDriver(Protocol):
     async def close(self) -> None: ...
 
     async def ensure_bridges(self, local_ip: str) -> None:
-        """Create br-int / br-tun (and the patch between them) and the tunnel endpoint."""
+        """Create br-int / br-tun (and the patch between them) and the tunnel endpoint.
+
+        ``local_ip`` is ``a.b.c.d`` or ``a.b.c.d/len`` (the underlay prefix).
+        """
 
     async def ensure_port(self, binding: PortBinding, device: str) -> None:
         """Plug `device` (a tap or veth end) into br-int with the binding's tag and external_ids."""
@@ -167,4 +170,7 @@ class SwitchDriver(Protocol):
         """Exactly these VXLAN tunnels on br-tun (extra ones are removed)."""
 
     async def ensure_flows(self, networks: Sequence[NetworkPlanEntry]) -> None:
-        """(Re)install the VLAN <-> VNI flows; needed again after ovs-vswitchd restarts."""
+        """(Re)install the VLAN <-> VNI flows; needed again after ovs-vswitchd restarts.
+
+        Call it after :meth:`ensure_tunnels`: the flood flows name the current tunnels.
+        """
