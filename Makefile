@@ -47,6 +47,8 @@ bench-quick: venv
 bench: venv
 	$(PY) -m bench.eventlog
 	$(PY) -m bench.api
+	$(PY) -m bench.failover
+	$(PY) -m bench.scheduler
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

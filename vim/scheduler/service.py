@@ -33,12 +33,12 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TypeVar
+from typing import Any, TypeVar, cast
 
 from ha.election import Elector, EtcdElector, LocalElector
 from vim.domain.reservation import rfc3339
 from vim.errors import FencedOut, Unavailable
-from vim.eventlog.model import Metadata
+from vim.eventlog.model import AppendRequest, AppendResult, Metadata
 from vim.eventlog.sql import SqlEventLog
 from vim.eventlog.store import EventLog
 from vim.projections.readmodel import Projector, ReadModel
@@ -239,15 +239,49 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=[s.value for s in Strategy],
         default=env("VIM_SCHEDULER_STRATEGY", Strategy.SPREAD.value),
     )
+    p.add_argument(
+        "--lease-ttl",
+        type=int,
+        default=int(env("VIM_SCHEDULER_LEASE_TTL", "2")),
+        help="leader lease TTL in seconds (env VIM_SCHEDULER_LEASE_TTL)",
+    )
     p.add_argument("--log-level", default=env("VIM_LOG_LEVEL", "INFO"))
     return p.parse_args(argv)
+
+
+class _DelayedAppends:
+    """Fault injection for tests only (env ``VIM_SCHEDULER_FAULT_APPEND_DELAY_S``).
+
+    Every append of the scheduler waits that long *after* its leadership check:
+    the window in which a leader paused there resumes with a decision made under
+    a term that has since ended (tests/integration/test_paused_leader.py). The
+    event log must refuse that write by its fencing token.
+    """
+
+    def __init__(self, log: EventLog, delay_s: float) -> None:
+        self._log = log
+        self._delay_s = delay_s
+
+    async def append(self, request: AppendRequest) -> AppendResult:
+        log.warning(
+            "fault injection: append with token %s in %.2fs",
+            request.metadata.fencing_token,
+            self._delay_s,
+        )
+        await asyncio.sleep(self._delay_s)
+        return await self._log.append(request)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._log, name)
 
 
 async def serve(url: str, elector: Elector, config: SchedulerConfig) -> None:
     """Open the log, follow it into a read model, and schedule until cancelled."""
     event_log = await SqlEventLog.open(url)
     projector = Projector(event_log)
-    service = SchedulerService(event_log, projector.model, elector=elector, config=config)
+    delay = float(os.environ.get("VIM_SCHEDULER_FAULT_APPEND_DELAY_S") or 0)
+    writes = cast(EventLog, _DelayedAppends(event_log, delay)) if delay > 0 else event_log
+    service = SchedulerService(writes, projector.model, elector=elector, config=config)
     try:
         await projector.catch_up()
         projector.start()
@@ -266,7 +300,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = SchedulerConfig(strategy=Strategy(a.strategy))
     endpoints = [e.strip() for e in a.etcd.split(",") if e.strip()]
     elector: Elector = (
-        EtcdElector(endpoints, ROLE, config.name) if endpoints else LocalElector(ROLE, config.name)
+        EtcdElector(endpoints, ROLE, config.name, ttl_s=a.lease_ttl)
+        if endpoints
+        else LocalElector(ROLE, config.name)
     )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve(a.eventlog_url, elector, config))
