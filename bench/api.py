@@ -75,6 +75,8 @@ CALL_TIMEOUT_S = 10.0
 START_TIMEOUT_S = 60.0
 DRAIN_S = CALL_TIMEOUT_S + 2.0
 MAX_IN_FLIGHT = 4096
+CONNECTIONS_PER_NODE = 8
+"""Per generator and node; 64 tenants over them (a multiple of 8, so each gets 8)."""
 OPEN_RATE = 500.0
 TARGET_P99_MS_AT_500 = 25.0
 TARGET_RPS_1NODE = 1500.0
@@ -162,7 +164,7 @@ def _tokens() -> list[tuple[tuple[str, str], ...]]:
     ]
 
 
-def _make_call(spec: GenSpec, channels: Sequence[Any]) -> Call:
+def _make_call(spec: GenSpec, channels: Sequence[Any], timeout: float = CALL_TIMEOUT_S) -> Call:
     """The measured RPC, with its requests and metadata prepared as far as possible."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -176,7 +178,7 @@ def _make_call(spec: GenSpec, channels: Sequence[Any]) -> Call:
         check = health_pb2.HealthCheckRequest()
 
         def health_call(tenant: int, seq: int) -> Any:
-            return health_stubs[tenant % n].Check(check, timeout=CALL_TIMEOUT_S)
+            return health_stubs[tenant % n].Check(check, timeout=timeout)
 
         return health_call
     if spec.operation == "create_flavour":
@@ -188,9 +190,7 @@ def _make_call(spec: GenSpec, channels: Sequence[Any]) -> Call:
             req = flavours_pb2.CreateFlavourRequest(
                 request_id=rid, name="f" + rid, vcpus=1, ram_mb=512, disk_gb=1, is_public=True
             )
-            return flavour_stubs[tenant % n].CreateFlavour(
-                req, metadata=admin, timeout=CALL_TIMEOUT_S
-            )
+            return flavour_stubs[tenant % n].CreateFlavour(req, metadata=admin, timeout=timeout)
 
         return flavour_call
     tokens = _tokens()
@@ -202,7 +202,7 @@ def _make_call(spec: GenSpec, channels: Sequence[Any]) -> Call:
             request_id=prefix + str(seq), name="vm", flavour_id=flavour_id, image_id=image_id
         )
         return compute_stubs[tenant % n].AllocateCompute(
-            req, metadata=tokens[tenant], timeout=CALL_TIMEOUT_S
+            req, metadata=tokens[tenant], timeout=timeout
         )
 
     return allocate_call
@@ -302,8 +302,15 @@ async def _open(spec: GenSpec, call: Call, window: Window, warmup_s: float, out:
 async def _generate(spec: GenSpec, conn: Connection) -> None:
     import grpc
 
+    # Several connections per node (own subchannel pools, so really separate TCP
+    # connections): a node's workers share its port and the kernel spreads
+    # connections, not calls. Channel j goes to node j mod N, so tenant t still always
+    # goes to node t mod N.
+    options = [("grpc.enable_retries", 0), ("grpc.use_local_subchannel_pool", 1)]
     channels = [
-        grpc.aio.insecure_channel(a, options=[("grpc.enable_retries", 0)]) for a in spec.addresses
+        grpc.aio.insecure_channel(a, options=options)
+        for _ in range(CONNECTIONS_PER_NODE)
+        for a in spec.addresses
     ]
     try:
         for ch in channels:
@@ -374,6 +381,9 @@ class NodeProc:
     workdir: Path
     url: str
     profile_to: Path | None = None
+    workers: int = 1
+    callgrind_to: Path | None = None
+    """Run the node under `valgrind --tool=callgrind`, instrumentation off until asked."""
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
 
@@ -384,19 +394,28 @@ class NodeProc:
     def start(self, secret_file: Path) -> None:
         port_file = self.workdir / f"{self.name}.port"
         argv = [sys.executable]
+        timeout = START_TIMEOUT_S
+        if self.callgrind_to is not None:
+            argv = [
+                *("valgrind", "--tool=callgrind", "--instr-atstart=no"),
+                f"--callgrind-out-file={self.callgrind_to}",
+                *argv,
+            ]
+            timeout = START_TIMEOUT_S * 10  # the interpreter runs ~10x slower under valgrind
         if self.profile_to is not None:
             argv += ["-m", "cProfile", "-o", str(self.profile_to)]
         argv += [
             *("-m", "vim.api.server", "--insecure", "--listen", "127.0.0.1:0"),
             *("--metrics-listen", "off", "--grace", "1", "--port-file", str(port_file)),
             *("--eventlog-url", self.url, "--auth-secret-file", str(secret_file)),
+            *("--workers", str(self.workers)),
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIM_")}
         with (self.workdir / f"{self.name}.log").open("ab") as sink:
             self.proc = subprocess.Popen(
                 argv, cwd=self.workdir, stdout=sink, stderr=subprocess.STDOUT, env=env
             )
-        deadline = time.monotonic() + START_TIMEOUT_S
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 log = (self.workdir / f"{self.name}.log").read_text(errors="replace")
@@ -406,10 +425,14 @@ class NodeProc:
                 if _serving(self.address):
                     return
             time.sleep(0.05)
-        raise RuntimeError(f"{self.name} did not serve within {START_TIMEOUT_S} s")
+        raise RuntimeError(f"{self.name} did not serve within {timeout} s")
 
     def cpu_ticks(self) -> int:
-        return _cpu_ticks(self.proc.pid) if self.proc else 0
+        """The node's CPU: its process and, with --workers, its worker processes."""
+        if self.proc is None:
+            return 0
+        pid = self.proc.pid
+        return _cpu_ticks(pid) + sum(_cpu_ticks(c) for c in _children(pid))
 
     def stop(self) -> None:
         """SIGTERM (a profiled node must write its profile), SIGKILL after a deadline."""
@@ -447,6 +470,8 @@ class Env:
     workdir: Path
     url: str
     secret_file: Path
+    workers: int = 1
+    """Worker processes per node (`vim-api --workers`)."""
     nodes: list[NodeProc] = field(default_factory=list)
     catalogue: Catalogue = Catalogue()
     acked_allocations: int = 0
@@ -455,8 +480,13 @@ class Env:
     open_failures: int = 0
     """Failed calls in open-loop runs (expected only when the offered rate overloads)."""
 
-    def add_node(self, profile_to: Path | None = None) -> NodeProc:
-        node = NodeProc(f"node{len(self.nodes) + 1}", self.workdir, self.url, profile_to)
+    def add_node(
+        self, profile_to: Path | None = None, callgrind_to: Path | None = None
+    ) -> NodeProc:
+        one = profile_to is not None or callgrind_to is not None
+        workers = 1 if one else self.workers
+        name = f"node{len(self.nodes) + 1}"
+        node = NodeProc(name, self.workdir, self.url, profile_to, workers, callgrind_to)
         self.nodes.append(node)
         node.start(self.secret_file)
         progress(f"{node.name} serving on {node.address}")
@@ -493,6 +523,9 @@ class Run:
     max_send_lag_ms: float = 0.0
     pg_waits: dict[str, int] = field(default_factory=dict)
     """Samples (every 50 ms) of active backends by wait event; 'CPU' means not waiting."""
+    node_cpu_ms_per_op: float = 0.0
+    """Node CPU (all its processes) per call answered in the window: the cost of one call."""
+    pg_cpu_ms_per_op: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -660,8 +693,12 @@ def _summarise(
         max_send_lag_ms=max((r.max_send_lag_ms for r in results), default=0.0),
         pg_waits=pg_waits,
     )
+    done = sum(r.finished_in_window for r in results)
+    run.node_cpu_ms_per_op = 1000 * node_s / done if done else 0.0
+    run.pg_cpu_ms_per_op = 1000 * pg_s / done if done else 0.0
     progress(
         f"{name:<24} {run.per_s:8.1f}/s  p50 {run.p50_ms:7.2f} ms  p99 {run.p99_ms:7.2f} ms  "
+        f"cpu/op: node {run.node_cpu_ms_per_op:.2f} ms pg {run.pg_cpu_ms_per_op:.2f} ms  "
         f"cpu: node {run.node_cpu_pct:5.1f}% pg {run.pg_cpu_pct:5.1f}% "
         f"gen {run.generator_cpu_pct:5.1f}%  errors {dict(errors) or 0}  pg waits {pg_waits}"
     )
@@ -734,7 +771,7 @@ async def _count_allocations(url: str) -> int:
 
 
 @contextlib.contextmanager
-def _environment() -> Iterator[Env]:
+def _environment(workers: int) -> Iterator[Env]:
     """PostgreSQL (durable) with a migrated database; everything is torn down on exit."""
     from vim.eventlog import migrating
 
@@ -748,7 +785,7 @@ def _environment() -> Iterator[Env]:
         secret_file = workdir / "token.secret"
         secret_file.write_bytes(SECRET)
         secret_file.chmod(0o600)
-        env = Env(pg, workdir, url, secret_file)
+        env = Env(pg, workdir, url, secret_file, workers)
         yield env
     finally:
         if env is not None:
@@ -767,7 +804,9 @@ def _environment() -> Iterator[Env]:
 # -- the benchmark ------------------------------------------------------------------------
 
 
-def _measure(env: Env, settings: Settings, operation: str) -> dict[str, Any]:
+def _measure(
+    env: Env, settings: Settings, operation: str, closed_only: bool = False
+) -> dict[str, Any]:
     facts = _server_facts(env.pg)
     progress(f"PostgreSQL {facts['server_version']} on 127.0.0.1:{env.pg.port}: {facts}")
     n1 = env.add_node()
@@ -803,6 +842,8 @@ def _measure(env: Env, settings: Settings, operation: str) -> dict[str, Any]:
         progress(f"round {r + 1}/{settings.rounds}: one node, closed loop")
         closed([n1], "health_1node", "health")
         closed([n1], "op_1node", operation)
+    if closed_only:
+        return _result(env, settings, operation, runs, facts)
     progress(f"one node, open loop at {OPEN_RATE:.0f}/s")
     paced("op_open", operation)
     paced("health_open", "health")
@@ -837,6 +878,66 @@ def _profile(env: Env, settings: Settings, operation: str, out: Path) -> dict[st
     stats.sort_stats("cumulative").print_stats(45)
     progress(f"profile written to {out}")
     return {"profiled_run": run.to_json(), "profile_file": str(out)}
+
+
+CALLGRIND_CONCURRENCY = 16
+CALLGRIND_WARMUP = 100
+CALLGRIND_TIMEOUT_S = 300.0
+
+
+async def _calls(address: str, catalogue: Catalogue, operation: str, n: int, tag: str) -> None:
+    """`n` calls, `CALLGRIND_CONCURRENCY` in flight, over one connection; all must succeed."""
+    import grpc
+
+    spec = GenSpec(0, 1, operation, "closed", (address,), catalogue, tag)
+    async with grpc.aio.insecure_channel(address) as ch:
+        call = _make_call(spec, [ch], timeout=CALLGRIND_TIMEOUT_S)
+        todo = iter(range(n))
+
+        async def caller() -> None:
+            for seq in todo:
+                await call(seq % TENANTS, seq)
+
+        await asyncio.gather(*(caller() for _ in range(CALLGRIND_CONCURRENCY)))
+
+
+def _callgrind_total(path: Path) -> int:
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith(("summary:", "totals:")):
+            return int(line.split()[1])
+    raise RuntimeError(f"no totals in {path}")
+
+
+def _instructions(env: Env, n: int) -> dict[str, Any]:
+    """Instructions the node executes per call (all its threads), counted by callgrind:
+    independent of the machine's load, unlike CPU time. The node runs under valgrind
+    with instrumentation off; after a warm-up, `callgrind_control` switches it on for
+    `n` Health/Check calls, dumps, then for `n` AllocateCompute calls, and dumps."""
+    out = env.workdir / "callgrind.out"
+    node = env.add_node(callgrind_to=out)
+    assert node.proc is not None
+    env.catalogue = asyncio.run(_create_catalogue(node.address))
+    pid = str(node.proc.pid)
+    figures: dict[str, Any] = {"calls": n, "concurrency": CALLGRIND_CONCURRENCY}
+    for operation in ("health", "allocate"):
+        asyncio.run(_calls(node.address, env.catalogue, operation, CALLGRIND_WARMUP, "warm"))
+        subprocess.run(["callgrind_control", "-i", "on", pid], check=True, capture_output=True)
+        started = time.perf_counter()
+        asyncio.run(_calls(node.address, env.catalogue, operation, n, "measured"))
+        subprocess.run(["callgrind_control", "-d", pid], check=True, capture_output=True)
+        subprocess.run(["callgrind_control", "-i", "off", pid], check=True, capture_output=True)
+        dumps = sorted(env.workdir.glob("callgrind.out.*"), key=lambda p: p.stat().st_mtime)
+        per_call = _callgrind_total(dumps[-1]) / n
+        figures[f"{operation}_instructions_per_call"] = round(per_call)
+        progress(
+            f"{operation}: {per_call / 1e6:.3f} M instructions per call "
+            f"({n} calls, {time.perf_counter() - started:.0f} s under valgrind)"
+        )
+    figures["ratio_allocate_vs_health"] = round(
+        figures["allocate_instructions_per_call"] / figures["health_instructions_per_call"], 2
+    )
+    node.kill()
+    return figures
 
 
 def _result(
@@ -909,6 +1010,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, help="closed-loop callers in flight")
     parser.add_argument("--generators", type=int, help="load generator processes")
     parser.add_argument(
+        "--workers",
+        type=int,
+        default=os.cpu_count() or 1,
+        help="worker processes per node, `vim-api --workers` (default: the cores, %(default)s)",
+    )
+    parser.add_argument(
+        "--callgrind",
+        type=int,
+        metavar="N",
+        help="instead of timing: count the node's instructions per call with callgrind "
+        "(N Health/Check, then N AllocateCompute calls; needs valgrind)",
+    )
+    parser.add_argument(
+        "--closed-only",
+        action="store_true",
+        help="only the one-node closed-loop runs (allocation and health), for iterating",
+    )
+    parser.add_argument(
         "--profile",
         type=Path,
         nargs="?",
@@ -928,16 +1047,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     progress(f"API benchmark ({'quick' if args.quick else 'full'}): {settings}")
     try:
-        with _environment() as env:
-            if args.profile is not None:
+        with _environment(args.workers) as env:
+            if args.callgrind is not None:
+                result = _instructions(env, max(10, min(args.callgrind, 100_000)))
+                result["operation"] = "allocate"
+            elif args.profile is not None:
                 result = _profile(env, settings, args.operation, args.profile.resolve())
                 result["operation"] = args.operation
             else:
-                result = _measure(env, settings, args.operation)
+                result = _measure(env, settings, args.operation, args.closed_only)
     except KeyboardInterrupt:
         progress("interrupted")
         return 130
     result["quick"] = bool(args.quick)
+    result["workers"] = args.workers
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     result["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     progress(f"done in {result['elapsed_s']} s")

@@ -5,7 +5,8 @@ set -euo pipefail
 
 PKGS=(postgresql etcd-server etcd-client libvirt-dev pkg-config libvirt-daemon-system
       qemu-system-x86 qemu-utils openvswitch-switch iproute2 iputils-ping ethtool nftables
-      python3-venv python3-dev gcc make git sqlite3)
+      python3-venv python3-dev gcc make git sqlite3
+      busybox-static cpio kmod)  # the watchdog test guest (vim/harness/guest.py)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -83,7 +83,7 @@ class DomainEventKind(enum.StrEnum):
 class DomainEvent:
     kind: DomainEventKind
     server_id: str  # "" for CONNECTION_LOST
-    power: DomainPower | None = None
+    power: DomainPower | None = None  # None when power did not change (defined, undefined)
     detail: str = ""  # e.g. the watchdog action, the lifecycle reason
 
 

@@ -8,6 +8,9 @@ policy, the set of roles that may call it:
 - READ: reader, member, admin (queries, watches);
 - WRITE: member, admin (a tenant's own resources);
 - ADMIN: admin only (hosts, quotas, flavours, images' public visibility, rebuilds).
+- AGENT: a compute agent (role "agent", subject "agent:<hostname>", minted by
+  `mint_agent`); it may call only the Agents service, and only about its own
+  host (`agent_hostname`), which the servicer checks.
 
 No token, a malformed, expired or badly signed one: UNAUTHENTICATED. A valid
 token without an allowed role: PERMISSION_DENIED. Another tenant's resources are
@@ -30,7 +33,9 @@ from vim.errors import PermissionDenied, Unauthenticated
 READ = frozenset({"reader", "member", "admin"})
 WRITE = frozenset({"member", "admin"})
 ADMIN = frozenset({"admin"})
-ROLES = READ
+AGENT = frozenset({"agent"})
+ROLES = READ | AGENT
+AGENT_SUBJECT_PREFIX = "agent:"
 ALGORITHM = "HS256"
 
 
@@ -62,6 +67,20 @@ class Authenticator:
         }
         return jwt.encode(claims, self.secret, algorithm=ALGORITHM)
 
+    def mint_agent(self, hostname: str, *, ttl_s: float = 3600.0) -> str:
+        """A token for the compute agent of `hostname` (role agent, nothing else)."""
+        return self.mint(
+            f"{AGENT_SUBJECT_PREFIX}{hostname}", f"host-{hostname}", ["agent"], ttl_s=ttl_s
+        )
+
+
+def agent_hostname(principal: Principal) -> str:
+    """The host an agent's token names; PermissionDenied for any other caller."""
+    name = principal.user.removeprefix(AGENT_SUBJECT_PREFIX)
+    if "agent" not in principal.roles or name == principal.user or not name:
+        raise PermissionDenied(f"{principal.user} is not a compute agent")
+    return name
+
 
 def authorize(principal: Principal, allowed: frozenset[str], method: str) -> None:
     if not principal.roles & allowed:
@@ -83,7 +102,11 @@ def _bearer(metadata: Iterable[tuple[str, Any]] | None) -> str:
 
 
 @functools.lru_cache(maxsize=4096)
-def _claims(secret: bytes, leeway_s: float, token: str) -> tuple[str, str, frozenset[str], int]:
+def _claims(secret: bytes, leeway_s: float, token: str) -> tuple[Principal, int]:
+    """The caller a token names and its expiry, cached by the raw token: a client
+    sends the same token on every call, and verifying it (base64, JSON, HMAC) was a
+    measurable part of a call. Only valid tokens are cached (a refused one raises);
+    the expiry is checked on every call by `_verify`, not here."""
     try:
         c = jwt.decode(
             token,
@@ -98,12 +121,17 @@ def _claims(secret: bytes, leeway_s: float, token: str) -> tuple[str, str, froze
     tenant = c.get("tenant")
     if not isinstance(tenant, str) or not tenant or not isinstance(roles, list):
         raise Unauthenticated("the token must name a tenant and a list of roles")
-    return str(c["sub"]), tenant, frozenset(r for r in roles if r in ROLES), int(c["exp"])
+    principal = Principal(
+        user=str(c["sub"]), tenant=tenant, roles=frozenset(r for r in roles if r in ROLES)
+    )
+    return principal, int(c["exp"])
 
 
 def _verify(secret: bytes, leeway_s: float, token: str) -> Principal:
-    user, tenant, roles, exp = _claims(secret, leeway_s, token)
+    principal, exp = _claims(secret, leeway_s, token)
     if exp + leeway_s < time.time():  # a cached token can expire after it was cached
-        _claims.cache_clear()
+        # Refused on every call; it stays cached (and ages out of the LRU): clearing
+        # the whole cache here would let one expired token force every caller's
+        # token to be verified again.
         raise Unauthenticated("invalid bearer token: Signature has expired")
-    return Principal(user=user, tenant=tenant, roles=roles)
+    return principal

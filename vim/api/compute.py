@@ -538,9 +538,77 @@ def _matches(request: pb.ListServersRequest, s: server.Server) -> bool:
     )
 
 
+_SERVER_FIELDS = frozenset(
+    {
+        *("serverId", "name", "tenantId", "flavour", "imageId", "nics", "affinityGroupId"),
+        *("zone", "host", "state", "task", "progress", "faultReason", "powerState"),
+        *("desiredPowerState", "metadata", "priority", "watchdog", "migration"),
+        *("createdAt", "updatedAt"),
+    }
+)
+
+
 def _server(view: Mapping[str, Any]) -> pb.Server:
-    msg = pb.Server()
-    view_to(msg, dict(view))
+    """A server view (`server.Server.view()`, or the stored response of a command) as
+    its message, built field by field: the same message `json_format.ParseDict` gives
+    for the view, at a tenth of its cost (this is on every allocation's path). A view
+    that does not have the expected shape (say, one stored by an older node) goes
+    through `json_format`, which ignores what it does not know."""
+    try:
+        return _server_fast(view)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        msg = pb.Server()
+        view_to(msg, dict(view))
+        return msg
+
+
+def _server_fast(view: Mapping[str, Any]) -> pb.Server:
+    if not _SERVER_FIELDS.issuperset(view):
+        raise KeyError("unexpected field in a server view")
+    g = view.get
+    msg = pb.Server(
+        server_id=g("serverId", ""),
+        name=g("name", ""),
+        tenant_id=g("tenantId", ""),
+        image_id=g("imageId", ""),
+        affinity_group_id=g("affinityGroupId", ""),
+        zone=g("zone", ""),
+        host=g("host", ""),
+        state=pb.ServerState.Value(g("state") or "SERVER_STATE_UNSPECIFIED"),
+        task=g("task", ""),
+        progress=int(g("progress") or 0),
+        fault_reason=g("faultReason", ""),
+        power_state=pb.PowerState.Value(g("powerState") or "POWER_STATE_UNSPECIFIED"),
+        desired_power_state=pb.PowerState.Value(
+            g("desiredPowerState") or "POWER_STATE_UNSPECIFIED"
+        ),
+        metadata=g("metadata") or {},
+        priority=int(g("priority") or 0),
+        watchdog=pb.WatchdogPolicy.Value(g("watchdog") or "WATCHDOG_POLICY_UNSPECIFIED"),
+        created_at=g("createdAt", ""),
+        updated_at=g("updatedAt", ""),
+    )
+    f = g("flavour")
+    if f is not None:
+        msg.flavour.SetInParent()
+        fm = msg.flavour
+        fm.flavour_id = f.get("flavourId", "")
+        fm.name = f.get("name", "")
+        fm.vcpus = int(f.get("vcpus", 0))
+        fm.ram_mb = int(f.get("ramMb", 0))
+        fm.disk_gb = int(f.get("diskGb", 0))
+    for n in g("nics") or ():
+        msg.nics.add(
+            port_id=n.get("portId", ""),
+            network_id=n.get("networkId", ""),
+            mac_address=n.get("macAddress", ""),
+            ip_addresses=n.get("ipAddresses", ()),
+        )
+    m = g("migration")
+    if m is not None:
+        msg.migration.SetInParent()
+        msg.migration.live_migration_allowed = bool(m.get("liveMigrationAllowed", False))
+        msg.migration.max_interruption_ms = int(m.get("maxInterruptionMs", 0))
     return msg
 
 

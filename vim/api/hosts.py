@@ -50,7 +50,8 @@ _RATIO_FIELDS: dict[str, _RatioField] = {
     "ram": "ram_allocation_ratio",
     "disk": "disk_allocation_ratio",
 }
-BMC_SCHEMES = frozenset({"ipmi", "redfish", "redfish+http", "redfish+https"})
+BMC_SCHEMES = frozenset({"ipmi", "redfish", "redfish+http", "redfish+https", "netns"})
+"""`netns://<namespace>`: a test host's namespace power (ha.fencing.netns, docs/FAULTS.md)."""
 _LABEL_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _HYPERVISORS = {
     pb.HYPERVISOR_TYPE_UNSPECIFIED: "KVM",

@@ -111,9 +111,11 @@ class CommandRunner:
         contended: str | None = None
         for attempt in range(1, MAX_ATTEMPTS + 1):
             lock = self._locks.setdefault(contended, asyncio.Lock()) if contended else None
+            if lock is not None:
+                # Outside the try: a call cancelled (say, its deadline passed) while it
+                # waits here does not hold the lock and must not release it.
+                await lock.acquire()
             try:
-                if lock is not None:
-                    await lock.acquire()
                 return await self._attempt(ctx, rid, decide)
             except VersionConflict as conflict:
                 if attempt == MAX_ATTEMPTS:

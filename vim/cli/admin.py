@@ -104,26 +104,92 @@ def _single(settings: Settings, endpoint: str) -> Settings:
     return replace(settings, endpoints=(endpoint,))
 
 
+async def _control_plane(vim: VimClient) -> admin_pb2.ClusterStatus:
+    status: admin_pb2.ClusterStatus = await vim.unary(
+        admin_pb2_grpc.AdminStub, "GetClusterStatus", admin_pb2.GetClusterStatusRequest()
+    )
+    return status
+
+
+def _member_rows(status: admin_pb2.ClusterStatus) -> list[dict[str, Any]]:
+    log = status.event_log
+    rows: list[dict[str, Any]] = [
+        {
+            "member": "eventlog",
+            "endpoint": log.backend,
+            "health": "OK" if log.reachable else "UNREACHABLE",
+            "log_head": int(log.head),
+            "detail": log.error,
+        }
+    ]
+    rows += [
+        {
+            "member": "etcd",
+            "endpoint": m.endpoint,
+            "health": "OK" if m.healthy else "UNREACHABLE",
+            "detail": ("leader " if m.is_leader else "") + (m.version or m.error),
+        }
+        for m in status.etcd
+    ]
+    rows += [
+        {
+            "member": "agent",
+            "endpoint": a.hostname,
+            "health": "ALIVE" if a.alive else "DEAD",
+            "detail": f"host {a.host_state}" + (f", pid {a.pid}" if a.pid else ""),
+        }
+        for a in status.agents
+    ]
+    return rows
+
+
+_HEALTHY = {"SERVING", "OK", "ALIVE"}
+
+
 @cluster.command("status")
 def cluster_status(ctx: typer.Context) -> None:
-    """Every configured API node with its health, log head and read-model lag."""
+    """API nodes, event log, etcd members and agents, with health (exit 7 if any is not)."""
 
-    async def work(_vim: VimClient, s: Settings) -> int:
-        rows = await asyncio.gather(*(_probe(s, e) for e in s.endpoints))
+    async def work(vim: VimClient, s: Settings) -> int:
+        rows = list(await asyncio.gather(*(_probe(s, e) for e in s.endpoints)))
+        if any(r["health"] == "SERVING" for r in rows):
+            rows += _member_rows(await _control_plane(vim))
         emit_list(
             s.output,
-            list(rows),
+            rows,
             [
                 ("MEMBER", "member"),
                 ("ENDPOINT", "endpoint"),
                 ("HEALTH", "health"),
                 ("LOG HEAD", "log_head"),
-                ("READ MODEL", "read_model_position"),
+                ("DETAIL", "detail"),
                 ("MS", "latency_ms"),
             ],
         )
-        return sum(1 for r in rows if r["health"] != "SERVING")
+        return sum(1 for r in rows if r["health"] not in _HEALTHY)
 
     unhealthy = run(ctx, work)
     if unhealthy:
         raise typer.Exit(int(Exit.UNAVAILABLE))
+
+
+def leaders(ctx: typer.Context) -> None:
+    """Who leads the scheduler, fault manager and SDN controller: holder, term, since."""
+
+    async def work(vim: VimClient, s: Settings) -> None:
+        status = await _control_plane(vim)
+        items = [as_dict(x) | {"coordination": status.coordination} for x in status.leaders]
+        emit_list(
+            s.output,
+            items,
+            [
+                ("ROLE", "role"),
+                ("HOLDER", "holder"),
+                ("TERM", "term"),
+                ("SINCE", "since"),
+                ("NEWEST TOKEN IN LOG", "newest_token_in_log"),
+                ("ERROR", "error"),
+            ],
+        )
+
+    run(ctx, work)

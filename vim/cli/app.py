@@ -15,10 +15,11 @@ from typing import Annotated
 
 import typer
 
-from vim.cli import admin, catalogue, compute, events, hosts, network
+from vim.cli import admin, alarms, catalogue, compute, events, hosts, network
 from vim.cli.failures import Exit
 from vim.cli.runtime import fail
 from vim.cli.settings import Flags, Output, SettingsError, resolve
+from vim.demo.cli import demo
 
 app = typer.Typer(
     name="vimctl",
@@ -82,9 +83,12 @@ app.add_typer(catalogue.flavours, name="flavour")
 app.add_typer(catalogue.quotas, name="quota")
 app.add_typer(catalogue.reservations, name="reservation")
 app.add_typer(hosts.hosts, name="host")
+app.add_typer(alarms.alarms, name="alarm")
 app.add_typer(events.events, name="events")
 app.add_typer(admin.projections, name="projections")
 app.add_typer(admin.cluster, name="cluster")
+app.command("leader")(admin.leaders)
+app.command("demo")(demo)
 
 
 def main() -> None:

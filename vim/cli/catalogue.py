@@ -151,7 +151,7 @@ def add_image(
         name=name,
         location=location,
         container_format=images_pb2.CONTAINER_FORMAT_BARE,
-        disk_format=enum_value(  # type: ignore[arg-type]
+        disk_format=enum_value(
             images_pb2.DiskFormat.DESCRIPTOR, "DISK_FORMAT_", disk_format, "--disk-format"
         ),
         size_bytes=size_bytes,

@@ -155,7 +155,7 @@ def create(
         zone=zone,
         metadata=_pairs(meta, "--meta"),
         priority=priority,
-        watchdog=enum_value(  # type: ignore[arg-type]
+        watchdog=enum_value(
             compute_pb2.WatchdogPolicy.DESCRIPTOR, "WATCHDOG_POLICY_", watchdog, "--watchdog"
         ),
         migration=compute_pb2.MigrationConstraints(
@@ -211,7 +211,7 @@ def _operate(op: str, settled: Any) -> Any:
             request = compute_pb2.OperateComputeRequest(
                 request_id=request_id(),
                 server_id=server_id,
-                operation=operation,  # type: ignore[arg-type]
+                operation=operation,
             )
             server = await vim.unary(compute_pb2_grpc.ComputeStub, "OperateCompute", request)
             if wait:
@@ -287,13 +287,13 @@ def create_group(
     request = compute_pb2.CreateAffinityGroupRequest(
         request_id=request_id(),
         name=name,
-        policy=enum_value(  # type: ignore[arg-type]
+        policy=enum_value(
             compute_pb2.AffinityPolicy.DESCRIPTOR,
             enum_prefix(compute_pb2.AffinityPolicy.DESCRIPTOR),
             policy,
             "--policy",
         ),
-        scope=enum_value(  # type: ignore[arg-type]
+        scope=enum_value(
             compute_pb2.AffinityScope.DESCRIPTOR,
             enum_prefix(compute_pb2.AffinityScope.DESCRIPTOR),
             scope,

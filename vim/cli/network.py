@@ -96,7 +96,7 @@ def create_network(
     request = networks_pb2.AllocateNetworkRequest(
         request_id=request_id(),
         name=name,
-        network_type=enum_value(  # type: ignore[arg-type]
+        network_type=enum_value(
             networks_pb2.NetworkType.DESCRIPTOR, "NETWORK_TYPE_", type_, "--type"
         ),
         physical_network=physnet,

@@ -63,7 +63,7 @@ async def get_one(vim: VimClient, res: Resource, ident: str) -> Message:
     return message
 
 
-def enum_value(descriptor: Any, prefix: str, text: str, option: str) -> int:
+def enum_value(descriptor: Any, prefix: str, text: str, option: str) -> Any:
     """`reset` -> WATCHDOG_POLICY_RESET's number; a clear error listing the choices."""
     wanted = f"{prefix}{text.strip().upper().replace('-', '_')}"
     value = descriptor.values_by_name.get(wanted)

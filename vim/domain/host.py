@@ -114,6 +114,8 @@ class HostSpec:
     management_address: str = ""
     bmc_endpoint: str = ""
     max_instances: int = DEFAULT_MAX_INSTANCES
+    tunnel_ip: str = ""
+    """The host's VXLAN tunnel endpoint (underlay) address; "" means management_address."""
 
     def data(self) -> dict[str, Any]:
         return {
@@ -128,6 +130,7 @@ class HostSpec:
             "management_address": self.management_address,
             "bmc_endpoint": self.bmc_endpoint,
             "max_instances": self.max_instances,
+            "tunnel_ip": self.tunnel_ip,
         }
 
 
@@ -150,6 +153,7 @@ class HostRegistered(DomainEvent):
     bmc_endpoint: str = ""
     max_instances: int = DEFAULT_MAX_INSTANCES
     at: str = ""
+    tunnel_ip: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +173,7 @@ class HostReconfigured(DomainEvent):
     bmc_endpoint: str = ""
     max_instances: int = DEFAULT_MAX_INSTANCES
     at: str = ""
+    tunnel_ip: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +272,7 @@ def _spec_of(e: HostRegistered | HostReconfigured) -> HostSpec:
         e.management_address,
         e.bmc_endpoint,
         e.max_instances,
+        e.tunnel_ip,
     )
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vim.domain.base import DomainEvent
+from vim.domain.faults import ServerRecoveryFailed
 from vim.errors import DomainError, InvalidTransition
 
 KIND = "server"
@@ -189,6 +190,22 @@ class ServerStateReported(DomainEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class ServerEvacuationRequested(DomainEvent):
+    """The fault manager rebuilds the server elsewhere after its host was fenced.
+
+    Back to BUILDING with no host (task EVACUATING), so the scheduler places it
+    again; everything that makes it the same server (id, name, image, flavour,
+    NICs with their MAC and IP addresses, metadata, group, watchdog, priority,
+    migration constraints) is kept. See `vim.domain.evacuation`.
+    """
+
+    server_id: str
+    from_host: str
+    reason: str = ""
+    requested_at: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ServerTerminated(DomainEvent):
     server_id: str
     terminated_at: str = ""
@@ -250,6 +267,10 @@ class Server:
     power_state: PowerState = PowerState.UNSPECIFIED
     desired_power_state: PowerState = PowerState.RUNNING
     migration_target: str = ""
+    evacuated_from: str = ""
+    """The failed host the server was last evacuated from (empty if never)."""
+    recovery: str = ""
+    """Evacuation progress: "" (none), EVACUATING, PLACED, FAILED."""
 
     @property
     def deleted(self) -> bool:
@@ -397,8 +418,25 @@ def evolve(state: Server | None, event: DomainEvent, _recorded: object = None) -
                 host=event.host,
                 zone=event.zone or state.zone,
                 task="SPAWNING",
+                recovery="PLACED" if state.recovery == "EVACUATING" else state.recovery,
                 updated_at=event.scheduled_at,
             )
+        case ServerEvacuationRequested():
+            return replace(
+                state,
+                host="",
+                state=ServerState.BUILDING,
+                task="EVACUATING",
+                progress=0,
+                fault_reason="",
+                power_state=PowerState.UNSPECIFIED,
+                migration_target="",
+                evacuated_from=event.from_host,
+                recovery="EVACUATING",
+                updated_at=event.requested_at,
+            )
+        case ServerRecoveryFailed():
+            return replace(state, recovery="FAILED", fault_reason=event.reason, updated_at=event.at)
         case ServerSchedulingFailed():
             return replace(
                 state,

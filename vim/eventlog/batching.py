@@ -11,8 +11,11 @@ head lock. Instead every append that arrives while a transaction is in flight
 waits in a queue, and the next transaction takes them all. `plan_batch` decides,
 without I/O, which appends of a batch succeed against the state read under the
 lock (stream versions, request ids, fencing tokens): a refused append is refused
-alone and the rest still commit. Every acknowledged append is durable because the
-acknowledgement is sent only after the commit returns.
+alone and the rest still commit. (PostgreSQL first tries the batch on a state read
+without the lock, with positions as offsets from a head it learns only when it
+writes; a stale read makes that write fail as a whole, and the batch is then
+decided again under the lock: see `vim/eventlog/postgres.py`.) Every acknowledged
+append is durable because the acknowledgement is sent only after the commit returns.
 """
 
 from __future__ import annotations

@@ -3,12 +3,29 @@
 Array parameters go in binary (`%b`): the text format would escape every JSON
 string in Python, which was a third of an API node's CPU per allocation.
 
-One append batch is one transaction and two network round trips: the first
-pipeline locks the log head row (`FOR UPDATE`, which serialises writers across
-every process) and reads the batch's stream versions, request ids and fencing
-tokens; the second writes the accepted events as arrays through `unnest`, moves
-the streams, the request ids, the tokens and the head, and sends a NOTIFY that
-PostgreSQL delivers only if the transaction commits. Then COMMIT.
+An append batch is written optimistically, in two round trips of which only the
+last holds the log head lock:
+
+1. Without any lock, one statement reads the batch's stream versions and request
+   ids. `plan_batch` decides every append against them, with positions counted
+   from 0 (offsets), since the head is not known yet.
+2. One statement (`_WRITE_BATCH`, a single implicit transaction in autocommit)
+   moves the head by the number of events (`UPDATE log_head ... RETURNING`, which
+   takes the head row lock), inserts the events at head + offset, moves the
+   streams and records the request ids (their stored result gets its positions
+   from the head in SQL), and sends a NOTIFY delivered only on commit. The lock
+   is held only while PostgreSQL executes and commits that one statement: no
+   network round trip and no Python work happens under it.
+
+The read in 1 may be stale, and that is safe: versions and request ids only ever
+grow, so a conflict or a replay decided on a stale read is real; an append
+decided as writable on a stale read collides in 2 with the unique
+`(stream_id, version)` of events or the request id's primary key, the whole
+statement rolls back, and the batch is decided again the locked way: BEGIN, lock
+the head `FOR UPDATE` and read under it, then write and COMMIT (two pipelined
+round trips, `_decide_and_write_locked`). Batches carrying fencing tokens, and
+batches repeating a request id within themselves, always take the locked way, so
+every fencing token is read and written under the head lock.
 
 Ordering: the head row lock is released only after the commit is visible, so a
 transaction that takes positions p+1.. starts after every position <= p is
@@ -25,10 +42,12 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
+import psycopg.errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from vim.errors import EventLogUnavailable
@@ -41,7 +60,7 @@ from vim.eventlog.batching import (
     StoredRequest,
     plan_batch,
 )
-from vim.eventlog.model import PreparedAppend
+from vim.eventlog.model import AppendResult, PreparedAppend
 from vim.eventlog.store import EventLogConfig
 
 log = logging.getLogger(__name__)
@@ -72,6 +91,36 @@ _UPSERT_TOKENS = (
     "INSERT INTO fencing (role, token) SELECT * FROM unnest(%b::text[], %b::bigint[]) "
     "ON CONFLICT (role) DO UPDATE SET token = excluded.token"
 )
+
+
+_READ_STATE = (
+    "SELECT stream_id, version, NULL, NULL FROM streams WHERE stream_id = ANY(%b::text[]) "
+    "UNION ALL SELECT NULL, NULL, request_id, fingerprint FROM requests "
+    "WHERE request_id = ANY(%b::text[])"
+)
+"""Step 1 of an optimistic batch: stream versions and recorded request ids, no lock.
+A stored request's result is not read here: a repeat is rare and is answered by
+the locked path, which reads it under the lock."""
+_WRITE_BATCH = (
+    "WITH h AS (UPDATE log_head SET position = position + %b::bigint WHERE id = 1 "
+    "RETURNING position - %b::bigint AS base), "
+    "ev AS (INSERT INTO events (position, stream_id, version, event_id, type, schema_version, "
+    "data, metadata, recorded_at) SELECT h.base + e.o, e.s, e.v, e.i, e.t, e.sv, e.d, e.m, e.a "
+    "FROM h, unnest(%b::bigint[], %b::text[], %b::int[], %b::text[], %b::text[], %b::int[], "
+    "%b::text[], %b::text[], %b::timestamptz[]) AS e(o, s, v, i, t, sv, d, m, a)), "
+    "st AS (INSERT INTO streams (stream_id, version, position) SELECT s.s, s.v, h.base + s.o "
+    "FROM h, unnest(%b::text[], %b::int[], %b::bigint[]) AS s(s, v, o) "
+    "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
+    "position = excluded.position), "
+    "rq AS (INSERT INTO requests (request_id, fingerprint, result, position, recorded_at) "
+    "SELECT r.r, r.f, (r.j::jsonb || jsonb_build_object('first_position', "
+    "h.base + (r.j::jsonb->>'first_position')::bigint, 'last_position', h.base + r.o))::text, "
+    "h.base + r.o, r.a FROM h, unnest(%b::text[], %b::text[], %b::text[], %b::bigint[], "
+    "%b::timestamptz[]) AS r(r, f, j, o, a)) "
+    "SELECT h.base, pg_notify('" + NOTIFY_CHANNEL + "', (h.base + %b::bigint)::text) FROM h"
+)
+"""Step 2 of an optimistic batch: every write, positions from the head, one statement.
+Data-modifying CTEs all run to completion, after `h` (they read its base)."""
 
 
 class PostgresBackend:
@@ -123,9 +172,43 @@ class PostgresBackend:
     async def write(self, batch: Sequence[PreparedAppend]) -> list[Outcome]:
         """Connections are in autocommit mode: BEGIN and COMMIT travel in the pipelines."""
         async with self._conn("append") as conn:
-            return await self._decide_and_write(conn, batch)
+            if _optimistic(batch):
+                outcomes = await self._decide_and_write_optimistic(conn, batch)
+                if outcomes is not None:
+                    return outcomes
+            return await self._decide_and_write_locked(conn, batch)
 
-    async def _decide_and_write(
+    async def _decide_and_write_optimistic(
+        self, conn: psycopg.AsyncConnection[Any], batch: Sequence[PreparedAppend]
+    ) -> list[Outcome] | None:
+        """Steps 1 and 2 of the module docstring; None when the batch must be decided
+        again under the lock (a stale read, or a request id already recorded)."""
+        ids = list({s.stream_id for p in batch for s in p.streams})
+        rids = [p.metadata.request_id for p in batch if p.metadata.request_id]
+        cur = await conn.execute(_READ_STATE, (ids, rids))
+        versions: dict[str, int] = {}
+        for stream_id, version, rid, _fp in await cur.fetchall():
+            if rid is not None:
+                return None  # a repeat: the locked path reads its stored result
+            versions[stream_id] = version
+        state = LogState(0, versions, {}, {})
+        now = datetime.now(UTC)
+        outcomes, w = plan_batch(batch, state, now)
+        if not w.events:
+            return outcomes
+        try:
+            cur = await conn.execute(_WRITE_BATCH, _write_params(w))
+            row = await cur.fetchone()
+        except psycopg.errors.UniqueViolation:
+            return None  # the read was stale: nothing was written, decide under the lock
+        except psycopg.OperationalError as exc:
+            # The connection died while the one statement (and its commit) ran.
+            raise CommitUnknown() from exc
+        assert row is not None, "log_head row missing: the schema was not migrated"
+        base = int(row[0])
+        return [_shifted(o, base) for o in outcomes]
+
+    async def _decide_and_write_locked(
         self, conn: psycopg.AsyncConnection[Any], batch: Sequence[PreparedAppend]
     ) -> list[Outcome]:
         ids = list({s.stream_id for p in batch for s in p.streams})
@@ -237,3 +320,40 @@ class PostgresBackend:
 
     async def close(self) -> None:
         await self._pool.close()
+
+
+def _optimistic(batch: Sequence[PreparedAppend]) -> bool:
+    """Whether a batch may be decided without the lock: no fencing tokens (they are
+    only read and written under the head lock) and no request id twice (a repeat
+    within the batch would be answered with offsets, not positions)."""
+    rids: set[str] = set()
+    for p in batch:
+        if p.metadata.fencing_role is not None:
+            return False
+        rid = p.metadata.request_id
+        if rid is not None:
+            if rid in rids:
+                return False
+            rids.add(rid)
+    return True
+
+
+def _write_params(w: BatchWrites) -> list[Any]:
+    """`_WRITE_BATCH`'s parameters: positions in `w` are offsets from the head."""
+    n = w.head
+    events = [list(col) for col in zip(*w.events, strict=True)]
+    streams = [(k, v, p) for k, (v, p) in w.streams.items()]
+    stream_cols = [list(col) for col in zip(*streams, strict=True)]
+    rq: list[list[Any]] = [list(col) for col in zip(*w.requests, strict=True)] or [[]] * 5
+    return [n, n, *events, *stream_cols, *rq, n]
+
+
+def _shifted(outcome: Outcome, base: int) -> Outcome:
+    """An outcome planned with offsets, at its real positions (replays already are)."""
+    if isinstance(outcome, AppendResult) and not outcome.replayed:
+        return replace(
+            outcome,
+            first_position=outcome.first_position + base,
+            last_position=outcome.last_position + base,
+        )
+    return outcome

@@ -67,6 +67,7 @@ class ApiNodeProcess:
             raise ApiNodeFailed(f"{self.name} is already running")
         self.starts += 1
         port_file = self.workdir / f"{self.name}.{self.starts}.port"
+        port_file.unlink(missing_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIM_")} | self.env
         with self.log_path.open("ab") as sink:
             self.proc = subprocess.Popen(

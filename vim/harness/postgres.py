@@ -32,6 +32,9 @@ Invariants:
   ``kill`` freezes the postmaster (SIGSTOP, so it cannot fork), SIGKILLs it
   and every process that is its child or whose cwd is the data dir (every
   backend chdirs there), then waits until none is alive and the port is free.
+* :meth:`PostgresServer.start_standby` makes a streaming standby of a running
+  primary (``pg_basebackup -R``) in its own instance directory, with the same
+  invariants; :meth:`~PostgresServer.promote` turns it into a primary.
 * Servers not cleaned up are killed and removed at interpreter exit.
 * Failures raise :class:`~vim.harness.ports.HarnessError` with the log tail.
 """
@@ -229,6 +232,75 @@ class PostgresServer:
             server._remove_dirs_after_failure()
             raise
         return server
+
+    @classmethod
+    def start_standby(
+        cls,
+        primary: PostgresServer,
+        base_dir: Path | None = None,
+        *,
+        port: int | None = None,
+    ) -> PostgresServer:
+        """A streaming-replication standby of ``primary``; return once it accepts reads.
+
+        The data dir is a ``pg_basebackup -R -X stream`` of the running primary
+        (``-R`` writes ``standby.signal`` and ``primary_conninfo``), so the
+        standby is read-only (hot standby) until :meth:`promote`. It keeps the
+        primary's durability settings. This is the runbook's "PostgreSQL
+        failover" in miniature: promote the standby, repoint the API nodes.
+        """
+        bindir = find_bindir()
+        if base_dir is not None:
+            base_dir.mkdir(parents=True, exist_ok=True)
+        instance = Path(tempfile.mkdtemp(prefix="vim-pg-", dir=base_dir)).resolve()
+        instance.chmod(0o755)
+        socket_dir, owns_socket_dir = instance, False
+        if len(str(instance)) > _MAX_SOCKET_DIR_LEN:
+            socket_dir, owns_socket_dir = Path(tempfile.mkdtemp(prefix="vim-pgs-")), True
+            socket_dir.chmod(0o755)
+        server = cls(
+            base_dir=instance,
+            bindir=bindir,
+            port=port if port is not None else free_port(HOST),
+            fsync=primary.fsync,
+            extra_conf=primary._extra_conf,
+            socket_dir=socket_dir,
+            owns_socket_dir=owns_socket_dir,
+        )
+        _live.add(server)
+        try:
+            server._prepare_dirs()
+            argv = [
+                str(bindir / "pg_basebackup"),
+                *("-D", str(server.data_dir), "-h", HOST, "-p", str(primary.port)),
+                *("-U", SUPERUSER, "-X", "stream", "-c", "fast", "-R", "--no-sync"),
+            ]
+            server._run(argv, f"pg_basebackup from {HOST}:{primary.port}", timeout=120)
+            server._pg_ctl_start()
+        except BaseException:
+            server._remove_dirs_after_failure()
+            raise
+        return server
+
+    def is_standby(self) -> bool:
+        """True while the server is in recovery (a standby not yet promoted)."""
+        import psycopg
+
+        with psycopg.connect(self.dsn(), autocommit=True, connect_timeout=10) as conn:
+            row = conn.execute("SELECT pg_is_in_recovery()").fetchone()
+        return bool(row and row[0])
+
+    def promote(self) -> None:
+        """Promote a standby to a primary (``pg_ctl promote -w``); return once it accepts
+        writes. Raises :class:`HarnessError` if it is not a standby."""
+        argv = [str(self._bindir / "pg_ctl"), "-D", str(self.data_dir), "-w", "promote"]
+        self._run(argv, "pg_ctl promote", timeout=_START_TIMEOUT + 10)
+        wait_until(
+            lambda: not self.is_standby(),
+            _START_TIMEOUT,
+            what=f"{self.data_dir} to leave recovery",
+            log=self.log_path,
+        )
 
     def _prepare_dirs(self) -> None:
         if not _is_root():

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12vim/v1/admin.proto\x12\x06vim.v1\"\x19\n\x17RebuildReadModelRequest\"\x8e\x01\n\x18RebuildReadModelResponse\x12\x15\n\rdigest_before\x18\x01 \x01(\t\x12\x14\n\x0c\x64igest_after\x18\x02 \x01(\t\x12\x11\n\tidentical\x18\x03 \x01(\x08\x12\x10\n\x08position\x18\x04 \x01(\x04\x12\x0f\n\x07streams\x18\x05 \x01(\x04\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\x15\n\x13GetReadModelRequest\"D\n\x0fReadModelStatus\x12\x10\n\x08position\x18\x01 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0f\n\x07streams\x18\x03 \x01(\x04\x32\xa4\x01\n\x05\x41\x64min\x12U\n\x10RebuildReadModel\x12\x1f.vim.v1.RebuildReadModelRequest\x1a .vim.v1.RebuildReadModelResponse\x12\x44\n\x0cGetReadModel\x12\x1b.vim.v1.GetReadModelRequest\x1a\x17.vim.v1.ReadModelStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12vim/v1/admin.proto\x12\x06vim.v1\"\x19\n\x17RebuildReadModelRequest\"\x8e\x01\n\x18RebuildReadModelResponse\x12\x15\n\rdigest_before\x18\x01 \x01(\t\x12\x14\n\x0c\x64igest_after\x18\x02 \x01(\t\x12\x11\n\tidentical\x18\x03 \x01(\x08\x12\x10\n\x08position\x18\x04 \x01(\x04\x12\x0f\n\x07streams\x18\x05 \x01(\x04\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"\x15\n\x13GetReadModelRequest\"D\n\x0fReadModelStatus\x12\x10\n\x08position\x18\x01 \x01(\x04\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0f\n\x07streams\x18\x03 \x01(\x04\"\x19\n\x17GetClusterStatusRequest\"\xe9\x01\n\rClusterStatus\x12#\n\x04node\x18\x01 \x01(\x0b\x32\x15.vim.v1.ApiNodeStatus\x12)\n\tevent_log\x18\x02 \x01(\x0b\x32\x16.vim.v1.EventLogStatus\x12\x14\n\x0c\x63oordination\x18\x03 \x01(\t\x12&\n\x04\x65tcd\x18\x04 \x03(\x0b\x32\x18.vim.v1.EtcdMemberStatus\x12%\n\x07leaders\x18\x05 \x03(\x0b\x32\x14.vim.v1.LeaderStatus\x12#\n\x06\x61gents\x18\x06 \x03(\x0b\x32\x13.vim.v1.AgentStatus\"O\n\rApiNodeStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x1b\n\x13read_model_position\x18\x02 \x01(\x04\x12\x10\n\x08uptime_s\x18\x03 \x01(\x01\"Q\n\x0e\x45ventLogStatus\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x11\n\treachable\x18\x02 \x01(\x08\x12\x0c\n\x04head\x18\x03 \x01(\x04\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"h\n\x10\x45tcdMemberStatus\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x11\n\tis_leader\x18\x03 \x01(\x08\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\r\n\x05\x65rror\x18\x05 \x01(\t\"u\n\x0cLeaderStatus\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0e\n\x06holder\x18\x02 \x01(\t\x12\x0c\n\x04term\x18\x03 \x01(\x04\x12\r\n\x05since\x18\x04 \x01(\t\x12\x1b\n\x13newest_token_in_log\x18\x05 \x01(\x04\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"t\n\x0b\x41gentStatus\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\r\n\x05\x61live\x18\x02 \x01(\x08\x12\x12\n\nhost_state\x18\x03 \x01(\t\x12\x0b\n\x03pid\x18\x04 \x01(\x03\x12\x0f\n\x07\x62oot_id\x18\x05 \x01(\t\x12\x12\n\nstarted_at\x18\x06 \x01(\t2\xf0\x01\n\x05\x41\x64min\x12U\n\x10RebuildReadModel\x12\x1f.vim.v1.RebuildReadModelRequest\x1a .vim.v1.RebuildReadModelResponse\x12\x44\n\x0cGetReadModel\x12\x1b.vim.v1.GetReadModelRequest\x1a\x17.vim.v1.ReadModelStatus\x12J\n\x10GetClusterStatus\x12\x1f.vim.v1.GetClusterStatusRequest\x1a\x15.vim.v1.ClusterStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,6 +39,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETREADMODELREQUEST']._serialized_end=223
   _globals['_READMODELSTATUS']._serialized_start=225
   _globals['_READMODELSTATUS']._serialized_end=293
-  _globals['_ADMIN']._serialized_start=296
-  _globals['_ADMIN']._serialized_end=460
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_start=295
+  _globals['_GETCLUSTERSTATUSREQUEST']._serialized_end=320
+  _globals['_CLUSTERSTATUS']._serialized_start=323
+  _globals['_CLUSTERSTATUS']._serialized_end=556
+  _globals['_APINODESTATUS']._serialized_start=558
+  _globals['_APINODESTATUS']._serialized_end=637
+  _globals['_EVENTLOGSTATUS']._serialized_start=639
+  _globals['_EVENTLOGSTATUS']._serialized_end=720
+  _globals['_ETCDMEMBERSTATUS']._serialized_start=722
+  _globals['_ETCDMEMBERSTATUS']._serialized_end=826
+  _globals['_LEADERSTATUS']._serialized_start=828
+  _globals['_LEADERSTATUS']._serialized_end=945
+  _globals['_AGENTSTATUS']._serialized_start=947
+  _globals['_AGENTSTATUS']._serialized_end=1063
+  _globals['_ADMIN']._serialized_start=1066
+  _globals['_ADMIN']._serialized_end=1306
 # @@protoc_insertion_point(module_scope)

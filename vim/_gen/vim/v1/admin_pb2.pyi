@@ -3,8 +3,10 @@
 isort:skip_file
 Operations on the control plane itself (admin role only)."""
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -121,3 +123,261 @@ class ReadModelStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReadModelStatus: _TypeAlias = ReadModelStatus  # noqa: Y015
+
+@_typing.final
+class GetClusterStatusRequest(_message.Message):
+    """GetClusterStatusRequest asks for the cluster status."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetClusterStatusRequest: _TypeAlias = GetClusterStatusRequest  # noqa: Y015
+
+@_typing.final
+class ClusterStatus(_message.Message):
+    """ClusterStatus is the control plane's health as one API node sees it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    EVENT_LOG_FIELD_NUMBER: _builtins.int
+    COORDINATION_FIELD_NUMBER: _builtins.int
+    ETCD_FIELD_NUMBER: _builtins.int
+    LEADERS_FIELD_NUMBER: _builtins.int
+    AGENTS_FIELD_NUMBER: _builtins.int
+    coordination: _builtins.str
+    """coordination is "etcd" when the node knows etcd endpoints, else "embedded"
+    (in-process elections: leaders are then known only by their fencing tokens).
+    """
+    @_builtins.property
+    def node(self) -> Global___ApiNodeStatus:
+        """node is the API node that answered."""
+
+    @_builtins.property
+    def event_log(self) -> Global___EventLogStatus:
+        """event_log is the event log's reachability and head."""
+
+    @_builtins.property
+    def etcd(self) -> _containers.RepeatedCompositeFieldContainer[Global___EtcdMemberStatus]:
+        """etcd has one entry per configured etcd endpoint."""
+
+    @_builtins.property
+    def leaders(self) -> _containers.RepeatedCompositeFieldContainer[Global___LeaderStatus]:
+        """leaders has one entry per elected role: scheduler, faultd, sdn."""
+
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentStatus]:
+        """agents has one entry per registered host."""
+
+    def __init__(
+        self,
+        *,
+        node: Global___ApiNodeStatus | None = ...,
+        event_log: Global___EventLogStatus | None = ...,
+        coordination: _builtins.str = ...,
+        etcd: _abc.Iterable[Global___EtcdMemberStatus] | None = ...,
+        leaders: _abc.Iterable[Global___LeaderStatus] | None = ...,
+        agents: _abc.Iterable[Global___AgentStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_log", b"event_log", "node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "coordination", b"coordination", "etcd", b"etcd", "event_log", b"event_log", "leaders", b"leaders", "node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClusterStatus: _TypeAlias = ClusterStatus  # noqa: Y015
+
+@_typing.final
+class ApiNodeStatus(_message.Message):
+    """ApiNodeStatus describes the answering API node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    READ_MODEL_POSITION_FIELD_NUMBER: _builtins.int
+    UPTIME_S_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    """node_id is hostname:pid of the node's process."""
+    read_model_position: _builtins.int
+    """read_model_position is the last log position its read model applied."""
+    uptime_s: _builtins.float
+    """uptime_s is how long the process has run."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        read_model_position: _builtins.int = ...,
+        uptime_s: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "read_model_position", b"read_model_position", "uptime_s", b"uptime_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApiNodeStatus: _TypeAlias = ApiNodeStatus  # noqa: Y015
+
+@_typing.final
+class EventLogStatus(_message.Message):
+    """EventLogStatus describes the event log."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKEND_FIELD_NUMBER: _builtins.int
+    REACHABLE_FIELD_NUMBER: _builtins.int
+    HEAD_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    backend: _builtins.str
+    """backend is "postgresql" or "sqlite"."""
+    reachable: _builtins.bool
+    """reachable is true when the head could be read."""
+    head: _builtins.int
+    """head is the newest position (0 when unreachable)."""
+    error: _builtins.str
+    """error says why it is unreachable."""
+    def __init__(
+        self,
+        *,
+        backend: _builtins.str = ...,
+        reachable: _builtins.bool = ...,
+        head: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backend", b"backend", "error", b"error", "head", b"head", "reachable", b"reachable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EventLogStatus: _TypeAlias = EventLogStatus  # noqa: Y015
+
+@_typing.final
+class EtcdMemberStatus(_message.Message):
+    """EtcdMemberStatus describes one etcd endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    HEALTHY_FIELD_NUMBER: _builtins.int
+    IS_LEADER_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    endpoint: _builtins.str
+    """endpoint is host:port as configured."""
+    healthy: _builtins.bool
+    """healthy is true when the member answered its status."""
+    is_leader: _builtins.bool
+    """is_leader is true when this member is etcd's raft leader."""
+    version: _builtins.str
+    """version is the etcd server version."""
+    error: _builtins.str
+    """error says why it is unhealthy."""
+    def __init__(
+        self,
+        *,
+        endpoint: _builtins.str = ...,
+        healthy: _builtins.bool = ...,
+        is_leader: _builtins.bool = ...,
+        version: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "error", b"error", "healthy", b"healthy", "is_leader", b"is_leader", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EtcdMemberStatus: _TypeAlias = EtcdMemberStatus  # noqa: Y015
+
+@_typing.final
+class LeaderStatus(_message.Message):
+    """LeaderStatus describes one elected role."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLE_FIELD_NUMBER: _builtins.int
+    HOLDER_FIELD_NUMBER: _builtins.int
+    TERM_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    NEWEST_TOKEN_IN_LOG_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    role: _builtins.str
+    """role is scheduler, faultd or sdn."""
+    holder: _builtins.str
+    """holder is the leader's candidate id (empty: no leader now, or embedded)."""
+    term: _builtins.int
+    """term is the leader's fencing token (0: no leader)."""
+    since: _builtins.str
+    """since is when the holder won (RFC 3339; informative only)."""
+    newest_token_in_log: _builtins.int
+    """newest_token_in_log is the newest fencing token the event log has seen for
+    the role: the term of the last leader that wrote.
+    """
+    error: _builtins.str
+    """error says why the leader could not be read."""
+    def __init__(
+        self,
+        *,
+        role: _builtins.str = ...,
+        holder: _builtins.str = ...,
+        term: _builtins.int = ...,
+        since: _builtins.str = ...,
+        newest_token_in_log: _builtins.int = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "holder", b"holder", "newest_token_in_log", b"newest_token_in_log", "role", b"role", "since", b"since", "term", b"term"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaderStatus: _TypeAlias = LeaderStatus  # noqa: Y015
+
+@_typing.final
+class AgentStatus(_message.Message):
+    """AgentStatus describes one registered host's agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    ALIVE_FIELD_NUMBER: _builtins.int
+    HOST_STATE_FIELD_NUMBER: _builtins.int
+    PID_FIELD_NUMBER: _builtins.int
+    BOOT_ID_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    hostname: _builtins.str
+    """hostname is the host's name."""
+    alive: _builtins.bool
+    """alive is true while the agent's liveness key exists in etcd."""
+    host_state: _builtins.str
+    """host_state is the host's state in the read model (UP, DOWN, FENCED, ...)."""
+    pid: _builtins.int
+    """pid and boot_id identify the agent process that holds the key."""
+    boot_id: _builtins.str
+    started_at: _builtins.str
+    """started_at is when that agent started (RFC 3339)."""
+    def __init__(
+        self,
+        *,
+        hostname: _builtins.str = ...,
+        alive: _builtins.bool = ...,
+        host_state: _builtins.str = ...,
+        pid: _builtins.int = ...,
+        boot_id: _builtins.str = ...,
+        started_at: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["alive", b"alive", "boot_id", b"boot_id", "host_state", b"host_state", "hostname", b"hostname", "pid", b"pid", "started_at", b"started_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentStatus: _TypeAlias = AgentStatus  # noqa: Y015

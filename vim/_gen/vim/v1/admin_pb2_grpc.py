@@ -45,6 +45,11 @@ class AdminStub:
                 request_serializer=vim_dot_v1_dot_admin__pb2.GetReadModelRequest.SerializeToString,
                 response_deserializer=vim_dot_v1_dot_admin__pb2.ReadModelStatus.FromString,
                 _registered_method=True)
+        self.GetClusterStatus = channel.unary_unary(
+                '/vim.v1.Admin/GetClusterStatus',
+                request_serializer=vim_dot_v1_dot_admin__pb2.GetClusterStatusRequest.SerializeToString,
+                response_deserializer=vim_dot_v1_dot_admin__pb2.ClusterStatus.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -67,6 +72,16 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetClusterStatus(self, request, context):
+        """GetClusterStatus reports the control plane as this node sees it: itself,
+        the event log, each etcd member, the leader of each elected role, and each
+        registered host's agent (alive while its liveness key exists). A member
+        that cannot be reached is reported as such; the call itself still succeeds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -79,6 +94,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetReadModel,
                     request_deserializer=vim_dot_v1_dot_admin__pb2.GetReadModelRequest.FromString,
                     response_serializer=vim_dot_v1_dot_admin__pb2.ReadModelStatus.SerializeToString,
+            ),
+            'GetClusterStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetClusterStatus,
+                    request_deserializer=vim_dot_v1_dot_admin__pb2.GetClusterStatusRequest.FromString,
+                    response_serializer=vim_dot_v1_dot_admin__pb2.ClusterStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +156,33 @@ class Admin:
             '/vim.v1.Admin/GetReadModel',
             vim_dot_v1_dot_admin__pb2.GetReadModelRequest.SerializeToString,
             vim_dot_v1_dot_admin__pb2.ReadModelStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetClusterStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vim.v1.Admin/GetClusterStatus',
+            vim_dot_v1_dot_admin__pb2.GetClusterStatusRequest.SerializeToString,
+            vim_dot_v1_dot_admin__pb2.ClusterStatus.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,12 @@ class AdminStub:
     """
     GetReadModel: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetReadModelRequest, _admin_pb2.ReadModelStatus]
     """GetReadModel reports this node's read model: position and digest."""
+    GetClusterStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetClusterStatusRequest, _admin_pb2.ClusterStatus]
+    """GetClusterStatus reports the control plane as this node sees it: itself,
+    the event log, each etcd member, the leader of each elected role, and each
+    registered host's agent (alive while its liveness key exists). A member
+    that cannot be reached is reported as such; the call itself still succeeds.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -53,6 +59,12 @@ class AdminAsyncStub(AdminStub):
     """
     GetReadModel: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetReadModelRequest, _admin_pb2.ReadModelStatus]  # type: ignore[assignment]
     """GetReadModel reports this node's read model: position and digest."""
+    GetClusterStatus: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetClusterStatusRequest, _admin_pb2.ClusterStatus]  # type: ignore[assignment]
+    """GetClusterStatus reports the control plane as this node sees it: itself,
+    the event log, each etcd member, the leader of each elected role, and each
+    registered host's agent (alive while its liveness key exists). A member
+    that cannot be reached is reported as such; the call itself still succeeds.
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     """Admin serves maintenance operations on the API node's derived state."""
@@ -75,5 +87,17 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ReadModelStatus, _abc.Awaitable[_admin_pb2.ReadModelStatus]]:
         """GetReadModel reports this node's read model: position and digest."""
+
+    @_abc_1.abstractmethod
+    def GetClusterStatus(
+        self,
+        request: _admin_pb2.GetClusterStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ClusterStatus, _abc.Awaitable[_admin_pb2.ClusterStatus]]:
+        """GetClusterStatus reports the control plane as this node sees it: itself,
+        the event log, each etcd member, the leader of each elected role, and each
+        registered host's agent (alive while its liveness key exists). A member
+        that cannot be reached is reported as such; the call itself still succeeds.
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

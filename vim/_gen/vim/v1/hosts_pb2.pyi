@@ -335,9 +335,10 @@ class RegisterHostRequest(_message.Message):
     management_address: _builtins.str
     """management_address: an IP address or a DNS name (required)."""
     bmc_endpoint: _builtins.str
-    """bmc_endpoint: optional URL, scheme ipmi, redfish, redfish+http or
-    redfish+https, without credentials (those belong in the fencing driver's
-    secret store, never in the event log).
+    """bmc_endpoint: optional URL, scheme ipmi, redfish, redfish+http,
+    redfish+https or netns (a test host's namespace: netns://NAME), without
+    credentials (those belong in the fencing driver's secret store, never in
+    the event log).
     """
     max_instances: _builtins.int
     """max_instances: the most servers the host may run (1-4096); 0 means 256."""

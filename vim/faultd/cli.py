@@ -1,0 +1,217 @@
+"""The `vim-faultd` console script: one fault manager, elected like the scheduler.
+
+```
+vim-faultd --eventlog-url postgresql://... --etcd 10.0.0.1:2379,10.0.0.2:2379 \\
+    --credentials-file /etc/vim/fencing.yaml --zone-policy edge=reserved_host:cmp-9 \\
+    --zone-policy lab=none
+```
+
+With `--etcd` the fault manager is elected through etcd (role `faultd`) and
+watches the agents' liveness keys there. Without it (the embedded default) it
+uses the in-process elector and an in-process liveness registry: nothing fails
+then, because no agent holds a lease, and hosts without a lease are not
+suspected (`unleased_grace_s=None`).
+
+The credentials file (YAML or JSON) maps hostnames to BMC logins, with an
+optional `default`; it is the only place they live (never the event log):
+
+```yaml
+default: {username: admin, password: secret, verify_tls: true}
+hosts:
+  cmp-1: {username: root, password: other, ca_file: /etc/vim/bmc-ca.pem}
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ha.election import Elector, EtcdElector, Leadership, LocalElector
+from ha.fencing import Credentials
+from vim.domain import evacuation as ev
+from vim.eventlog.sql import SqlEventLog
+from vim.eventlog.store import EventLog
+from vim.faultd.liveness import EtcdLiveness, LivenessSource, LocalLiveness
+from vim.faultd.service import ROLE, CompanionFactory, FaultdConfig, FaultManager
+from vim.projections.readmodel import Projector, ReadModel
+
+log = logging.getLogger(__name__)
+
+
+def parse_zone_policy(text: str) -> tuple[str, ev.ZonePolicy]:
+    """`ZONE=auto`, `ZONE=none` or `ZONE=reserved_host:HOST[+HOST...]`."""
+    zone, sep, spec = text.partition("=")
+    name, _, hosts = spec.partition(":")
+    if not sep or not zone:
+        raise argparse.ArgumentTypeError(f"expected ZONE=POLICY, got {text!r}")
+    try:
+        policy = ev.RecoveryPolicy(name)
+    except ValueError:
+        choices = ", ".join(p.value for p in ev.RecoveryPolicy)
+        raise argparse.ArgumentTypeError(f"policy must be one of {choices}, got {name!r}") from None
+    reserved = tuple(h for h in hosts.split("+") if h)
+    if policy is ev.RecoveryPolicy.RESERVED_HOST and not reserved:
+        raise argparse.ArgumentTypeError(f"{text!r}: reserved_host needs :HOST[+HOST...]")
+    return zone, ev.ZonePolicy(policy, reserved)
+
+
+def _credentials(raw: Any) -> Credentials:
+    if not isinstance(raw, Mapping):
+        raise ValueError("each credentials entry must be a mapping")
+    return Credentials(
+        username=str(raw.get("username", "")),
+        password=str(raw.get("password", "")),
+        verify_tls=bool(raw.get("verify_tls", True)),
+        ca_file=str(raw.get("ca_file", "")),
+    )
+
+
+def load_credentials(path: str) -> Callable[[str], Credentials]:
+    """A lookup by hostname from the credentials file ('' : no credentials at all)."""
+    if not path:
+        return lambda _h: Credentials()
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected a mapping with 'default' and/or 'hosts'")
+    default = _credentials(data.get("default") or {})
+    hosts = {str(k): _credentials(v) for k, v in (data.get("hosts") or {}).items()}
+    return lambda hostname: hosts.get(hostname, default)
+
+
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    env = os.environ.get
+    p = argparse.ArgumentParser(prog="vim-faultd", description="Run one VIM fault manager.")
+    p.add_argument(
+        "--eventlog-url",
+        default=env("VIM_EVENTLOG_URL", "sqlite:///./var/eventlog.db"),
+        help="postgresql://... or sqlite:///PATH (env VIM_EVENTLOG_URL)",
+    )
+    p.add_argument(
+        "--etcd",
+        default=env("VIM_ETCD_ENDPOINTS", ""),
+        help="comma-separated etcd host:port list (env VIM_ETCD_ENDPOINTS); "
+        "empty: in-process elector and liveness (embedded)",
+    )
+    p.add_argument("--election-prefix", default=env("VIM_ELECTION_PREFIX", ""))
+    p.add_argument("--liveness-prefix", default=env("VIM_LIVENESS_PREFIX", "/vim/hosts/"))
+    p.add_argument("--lease-ttl", type=float, default=2.0, help="agents' liveness TTL (s)")
+    p.add_argument("--self-fence-margin", type=float, default=3.0)
+    p.add_argument("--unleased-grace", type=float, default=6.0)
+    p.add_argument("--fence-retry", type=float, default=5.0)
+    p.add_argument("--credentials-file", default=env("VIM_FENCING_CREDENTIALS", ""))
+    p.add_argument(
+        "--zone-policy",
+        type=parse_zone_policy,
+        action="append",
+        default=[],
+        metavar="ZONE=auto|none|reserved_host:HOST[+HOST]",
+    )
+    p.add_argument("--default-policy", choices=[p.value for p in ev.RecoveryPolicy], default="auto")
+    p.add_argument("--flap-window", type=float, default=600.0)
+    p.add_argument("--flap-max-failures", type=int, default=2)
+    p.add_argument("--evacuation-interval", type=float, default=0.0)
+    p.add_argument(
+        "--max-migrations-per-group",
+        type=int,
+        default=1,
+        help="maintenance: simultaneous migrations per affinity group (one VNF)",
+    )
+    p.add_argument("--name", default="")
+    p.add_argument("--log-level", default=env("VIM_LOG_LEVEL", "INFO"))
+    return p.parse_args(argv)
+
+
+def alarm_companion() -> CompanionFactory | None:
+    """The alarm reactor (`vim.alarms.AlarmReactor`) if this build has it; see docs/FAULTS.md.
+
+    Hook: it is constructed with (event log, read model, leadership callable)
+    and run while this fault manager leads.
+    """
+    try:
+        module = importlib.import_module("vim.alarms")
+    except ImportError:
+        return None
+    return getattr(module, "AlarmReactor", None)
+
+
+async def serve(
+    url: str,
+    elector: Elector,
+    liveness: LivenessSource,
+    config: FaultdConfig,
+    credentials_file: str,
+) -> None:
+    """Open the log, follow it into a read model, and manage faults until cancelled."""
+    event_log = await SqlEventLog.open(url)
+    projector = Projector(event_log)
+    companions: list[CompanionFactory] = []
+    reactor = alarm_companion()
+    if reactor is not None:
+        companions.append(_bind(reactor, event_log, projector.model))
+    manager = FaultManager(
+        event_log,
+        projector.model,
+        liveness,
+        elector=elector,
+        credentials=load_credentials(credentials_file),
+        config=config,
+        companions=companions,
+    )
+    try:
+        await projector.catch_up()
+        projector.start()
+        await manager.run()
+    finally:
+        await manager.stop()
+        await projector.stop()
+        await liveness.close()
+        await elector.close()
+        await event_log.close()
+
+
+def _bind(factory: Any, event_log: EventLog, model: ReadModel) -> CompanionFactory:
+    def make(leadership: Callable[[], Leadership | None]) -> Any:
+        return factory(event_log, model, leadership)
+
+    return make
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of `vim-faultd`."""
+    a = _parse(argv)
+    logging.basicConfig(level=a.log_level.upper())
+    endpoints = [e.strip() for e in a.etcd.split(",") if e.strip()]
+    base = FaultdConfig()
+    config = FaultdConfig(
+        lease_ttl_s=a.lease_ttl,
+        self_fence_margin_s=a.self_fence_margin,
+        unleased_grace_s=a.unleased_grace if endpoints else None,
+        fence_retry_s=a.fence_retry,
+        zone_policies=dict(a.zone_policy),
+        default_policy=ev.ZonePolicy(ev.RecoveryPolicy(a.default_policy)),
+        flap=ev.FlapPolicy(a.flap_window, a.flap_max_failures),
+        evacuation_interval_s=a.evacuation_interval,
+        drain=ev.DrainPolicy(max(1, a.max_migrations_per_group)),
+        name=a.name or base.name,
+    )
+    elector: Elector
+    liveness: LivenessSource
+    if endpoints:
+        kw = {"prefix": a.election_prefix} if a.election_prefix else {}
+        elector = EtcdElector(endpoints, ROLE, config.name, **kw)
+        liveness = EtcdLiveness(endpoints, prefix=a.liveness_prefix)
+    else:
+        elector = LocalElector(ROLE, config.name)
+        liveness = LocalLiveness()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(a.eventlog_url, elector, liveness, config, a.credentials_file))
