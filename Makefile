@@ -49,6 +49,9 @@ bench: venv
 	$(PY) -m bench.api
 	$(PY) -m bench.failover
 	$(PY) -m bench.scheduler
+	$(PY) -m bench.agent
+	$(PY) -m bench.alarms
+	$(PY) -m bench.host_failover
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

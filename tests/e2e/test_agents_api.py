@@ -484,3 +484,24 @@ async def test_with_mutual_tls_the_certificate_must_name_the_host(tmp_path: Path
         await own.close()
         await stolen.close()
         await node.stop()
+
+
+async def test_an_agent_restart_keeps_what_the_operator_set(world: World) -> None:
+    hosts = hosts_pb2_grpc.HostsStub(world.ch)
+    operator = registration("cmp-1")
+    operator.request_id = uid()
+    operator.bmc_endpoint = "redfish+https://10.9.0.1/redfish/v1/Systems/1"
+    operator.cpu_allocation_ratio = 2.0
+    operator.max_instances = 12
+    await hosts.RegisterHost(operator, metadata=ADMIN)
+    # The agent restarts and registers with only what it knows (more RAM now).
+    again = registration("cmp-1")
+    again.ram_mb = 131072
+    await world.agents.RegisterAgentHost(
+        agents_pb2.RegisterAgentHostRequest(request_id=uid(), host=again), metadata=agent("cmp-1")
+    )
+    got = await hosts.GetHost(hosts_pb2.GetHostRequest(hostname="cmp-1"), metadata=ADMIN)
+    assert got.physical.ram_mb == 131072
+    assert got.bmc_endpoint == operator.bmc_endpoint
+    assert got.physical.instances == 12
+    assert got.allocation_ratios.cpu == 2.0

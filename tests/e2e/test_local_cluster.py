@@ -63,6 +63,24 @@ def _scrape(endpoint: str) -> dict[str, dict[str, float]]:
     return families
 
 
+def _processes_mentioning(path: Path) -> list[str]:
+    """Command lines of running processes that name `path` (every cluster service does:
+    its log, port files, state or the supervisor's --dir)."""
+    needle = str(path).encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue  # gone meanwhile
+        if needle in cmdline:
+            argv = cmdline.replace(b"\0", b" ").decode(errors="replace")
+            found.append(f"{proc.name}: {argv}")
+    return found
+
+
 def _listening(endpoint: str) -> bool:
     host, _, port = endpoint.rpartition(":")
     return is_listening(int(port), host)
@@ -138,34 +156,71 @@ def test_full_shape_cluster_is_healthy_scraped_and_leaves_nothing(tmp_path: Path
         cluster.stop()
 
     assert [p for p in pids if pid_alive(p)] == []
+    assert _processes_mentioning(cluster.dir) == []
     assert lab_namespaces(tag) == []
     assert [e for e in endpoints if _listening(e)] == []
     assert read_state(cluster.dir)["state"] == "stopped"
 
 
+# What each kind of service must export besides the cross-service vim_service_* families
+# (its own stats counters, read at scrape time, and its per-service leader/term/build).
+SERVICE_FAMILIES = {
+    "scheduler": {"vim_scheduler_placed", "vim_scheduler_rounds", "vim_scheduler_fenced"},
+    "faultd": {"vim_faultd_detected", "vim_faultd_fenced", "vim_faultd_evacuated"},
+    "sdn": {"vim_sdn_written", "vim_sdn_terms", "vim_sdn_segment_clashes"},
+    "agent": {
+        "vim_agent_reconcile_passes",
+        "vim_agent_reconcile_actions",
+        "vim_agent_lease_renewals",
+        "vim_agent_domains",
+        "vim_agent_lease_alive",
+    },
+}
+
+
 def _check_metrics(cluster: LocalCluster) -> list[Member]:
     """Scrape and parse every metrics endpoint; return the members that have one."""
-    # Every metrics endpoint answers in the Prometheus text format.
+    # Every service has a metrics endpoint, and it answers in the Prometheus text format.
+    assert cluster.without_metrics == []
     targets = cluster.metrics_targets()
-    with_metrics = {m.kind for m in targets}
-    expected = {"etcd", "api", "scheduler", "faultd", "sdn", "agent"}
-    assert with_metrics == expected - set(cluster.without_metrics)
+    members = [m for m in cluster.members() if m.kind not in ("postgres", "ovs")]
+    assert sorted(m.name for m in targets) == sorted(m.name for m in members)
     for m in targets:
         families = _scrape(m.metrics)
         assert families, f"{m.kind} {m.name}: no metric families"
         if m.kind == "etcd":
             assert set(families) >= ETCD_DASHBOARD_METRICS, m.name
             assert families["etcd_server_has_leader"] == {"etcd_server_has_leader": 1.0}
-        elif m.kind == "api":
+            continue
+        if m.kind == "api":
             # vimctl asked every node on its own (health, log head, read model).
             requests = families["vim_api_requests"]["vim_api_requests_total"]
             assert requests >= 2, (m.name, requests)
-        else:
-            up = families.get("vim_service_up", {}).get("vim_service_up")
-            assert up == 1.0, (m.name, sorted(families))
+            continue
+        assert set(families) >= SERVICE_FAMILIES[m.kind], (m.name, sorted(families))
+        assert families["vim_service_up"] == {"vim_service_up": 1.0}, m.name
+        assert families[f"vim_{m.kind}_build_info"][f"vim_{m.kind}_build_info"] == 1.0
+        if m.kind == "agent":
+            assert families["vim_agent_lease_alive"] == {"vim_agent_lease_alive": 1.0}, m.name
+            passes = families["vim_agent_reconcile_passes"]["vim_agent_reconcile_passes_total"]
+            assert passes >= 1, m.name
+    # One leader per elected role (the gauges refresh every second: a fresh term may lag);
+    # an agent is always active.
+    wanted = {"scheduler": 1, "faultd": 1, "sdn": 1, "agent": cluster.config.hosts}
+    wait_until(lambda: _leaders(targets) == wanted, 10, what=f"leader gauges {wanted}")
     targets_file = json.loads((cluster.dir / "prometheus-targets.json").read_text())
     assert sorted(t["targets"][0] for t in targets_file) == sorted(m.metrics for m in targets)
     return targets
+
+
+def _leaders(targets: list[Member]) -> dict[str, int]:
+    """Per kind, how many members' `vim_<kind>_is_leader` gauge says they lead."""
+    leaders: Counter[str] = Counter()
+    for m in targets:
+        if m.kind in SERVICE_FAMILIES:
+            name = f"vim_{m.kind}_is_leader"
+            leaders[m.kind] += int(_scrape(m.metrics)[name][name])
+    return dict(leaders)
 
 
 @pytest.mark.slow
@@ -231,6 +286,7 @@ def test_vim_cluster_command_detaches_reports_and_stops(tmp_path: Path) -> None:
     assert after["state"] == "stopped"
     assert not pid_alive(state["supervisor_pid"])
     assert [m["name"] for m in after["members"] if m["pid"] and pid_alive(m["pid"])] == []
+    assert _processes_mentioning(directory) == []
     status = subprocess.run(
         [*vim_cluster, "status", "--dir", str(directory)],
         capture_output=True,

@@ -137,15 +137,28 @@ class Host:
 
     def vim_ports(self) -> dict[str, dict[str, str]]:
         """br-int ports carrying vim external_ids: device -> {tag, port_id, server_id, ...}."""
-        out = json.loads(
-            self.ovs.vsctl("--format=json", "--columns=name,external_ids", "list", "Interface")
+        # One ovs-vsctl call, one OVSDB transaction: a port removed meanwhile is in neither.
+        interfaces, ports = (
+            json.loads(line)
+            for line in self.ovs.vsctl(
+                "--format=json",
+                "--columns=name,external_ids",
+                "list",
+                "Interface",
+                "--",
+                "--columns=name,tag",
+                "list",
+                "Port",
+            ).splitlines()
+            if line.strip()
         )
+        tags = {name: tag for name, tag in ports["data"]}
         found = {}
-        for name, ids in out["data"]:
+        for name, ids in interfaces["data"]:
             ext = dict(ids[1])
-            if "vim-port-id" in ext:
-                tag = self.ovs.vsctl("get", "Port", name, "tag").strip()
-                found[name] = {**ext, "tag": tag}
+            if "vim-port-id" in ext and name in tags:
+                tag = tags[name]
+                found[name] = {**ext, "tag": "[]" if isinstance(tag, list) else str(tag)}
         return found
 
 

@@ -293,6 +293,10 @@ def test_events_projections_and_cluster(cli: Cli, node: ApiNodeProcess) -> None:
     assert watched.returncode == 0, watched.stderr
     lines = [json.loads(line) for line in watched.stdout.splitlines()]
     assert len(lines) == 2 and all(e["stream_id"].startswith("host-") for e in lines)
+    # Without --from it follows from now: nothing old is printed.
+    now_only = cli.run("-o", "json", "events", "watch", "--seconds", "1")
+    assert now_only.returncode == 0, now_only.stderr
+    assert now_only.stdout.strip() == ""
     status = cli.json("projections", "status")
     rebuilt = cli.json("projections", "rebuild")
     assert rebuilt["identical"] is True and rebuilt["digest_after"] == status["digest"]

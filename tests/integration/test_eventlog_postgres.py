@@ -82,16 +82,22 @@ async def test_eight_concurrent_writers_subscriber_sees_each_event_once_in_order
             await log.close()
 
 
-async def _appends_through_an_outage(pg: PostgresServer, crash: bool) -> None:
+async def _appends_through_an_outage(pg: PostgresServer, crash: bool) -> None:  # noqa: PLR0915
     url = pg.sqlalchemy_url("postgres")
     writers = [await SqlEventLog.open(url, config=FAST) for _ in range(4)]
     reader = await SqlEventLog.open(url, config=FAST)
     per_writer = 60
+    max_per_writer = 5_000
     unavailable = Counter[str]()
     progress = asyncio.Event()
+    restarted = asyncio.Event()
+    written = Counter[int]()
 
     async def write(k: int, log: SqlEventLog) -> None:
-        for i in range(per_writer):
+        # Keep writing until the outage is over (bounded), so that it always hits appends.
+        for i in range(max_per_writer):
+            if i >= per_writer and restarted.is_set():
+                return
             rid = f"w{k}-{i}-{uuid.uuid4().hex[:6]}"
             request = AppendRequest(
                 [
@@ -116,13 +122,13 @@ async def _appends_through_an_outage(pg: PostgresServer, crash: bool) -> None:
                     except EventLogUnavailable:
                         unavailable[rid] += 1
                         await asyncio.sleep(0.05)  # retry backoff, not synchronisation
+            written[k] += 1
             if i == 10:
                 progress.set()
 
     seen: list[object] = []
     sub = reader.subscribe()
-    total = 4 * per_writer * 4
-    consumer = asyncio.create_task(collect(sub, seen, total))
+    consumer = asyncio.create_task(collect(sub, seen, 4 * max_per_writer * 4))
     tasks = [asyncio.create_task(write(k, log)) for k, log in enumerate(writers)]
     try:
         async with asyncio.timeout(90):
@@ -130,13 +136,19 @@ async def _appends_through_an_outage(pg: PostgresServer, crash: bool) -> None:
             if crash:
                 await asyncio.to_thread(pg.kill)
             await asyncio.to_thread(pg.restart, "fast" if not crash else "immediate")
+            restarted.set()
             await asyncio.gather(*tasks)
-            await consumer
+            appends = sum(written.values())
+            total = appends * 4
+            while len(seen) < total:  # noqa: ASYNC110 (the total is known only now)
+                await asyncio.sleep(0.05)  # poll interval; the timeout above is the deadline
+            consumer.cancel()
         assert unavailable, "the outage did not hit any append"
-        events = await reader.read_all(limit=10_000)
+        assert all(n >= per_writer for n in written.values()), written
+        events = await reader.read_all(limit=100_000)
         assert [e.position for e in events] == list(range(1, total + 1))
         by_request = Counter(e.metadata.request_id for e in events)
-        assert len(by_request) == 4 * per_writer
+        assert len(by_request) == appends
         assert set(by_request.values()) == {4}, "an append was partly written or duplicated"
         assert [e.position for e in seen] == list(range(1, total + 1))  # type: ignore[attr-defined]
     finally:

@@ -125,9 +125,17 @@ class FakeSwitch:
 class Reports:
     def __init__(self) -> None:
         self.sent: list[tuple[str, DomainPower, str]] = []
+        self.released: list[str] = []
+        self.fail_release = False
 
     async def report_state(self, server_id: str, power: DomainPower, fault_reason: str) -> None:
         self.sent.append((server_id, power, fault_reason))
+
+    async def release_source(self, server_id: str) -> bool:
+        if self.fail_release:
+            raise ConnectionError("API away")
+        self.released.append(server_id)
+        return self.released.count(server_id) == 1
 
 
 def _typed(h: FakeHypervisor, s: FakeSwitch) -> tuple[HypervisorDriver, SwitchDriver]:
@@ -361,3 +369,103 @@ async def test_reboot_is_done_once_until_the_task_ends() -> None:
     await r.run_once(rc.Desired("cmp-01", (want(S1),)))
     await r.run_once(d)  # a new REBOOTING task
     assert hv.calls.count(("reboot", S1)) == 2
+
+
+# --- migrations: a hand-off, never a server on two hosts -----------------------------------
+
+SOURCE, TARGET = rc.MigrationRole.SOURCE, rc.MigrationRole.TARGET
+
+
+def moving(
+    sid: str,
+    role: rc.MigrationRole,
+    may_start: bool,
+    power: DomainPower = DomainPower.RUNNING,
+) -> rc.DesiredServer:
+    """A server with a migration in progress, as its source or its target sees it."""
+    return replace(
+        want(sid, power, "MIGRATING", rc.ApiState.ACTIVE, DomainPower.RUNNING),
+        migration_role=role,
+        may_start=may_start,
+    )
+
+
+@pytest.mark.parametrize(
+    ("server", "actual", "expected"),
+    [
+        pytest.param(moving(S1, SOURCE, False), (status(S1),), [f"RemoveDomain:{S1}"], id="src"),
+        pytest.param(moving(S1, SOURCE, False), (), [], id="src-gone"),
+        pytest.param(moving(S1, TARGET, False), (), [], id="tgt-holds"),
+        pytest.param(
+            moving(S1, TARGET, False), (status(S1),), [f"RemoveDomain:{S1}"], id="tgt-stray-copy"
+        ),
+        pytest.param(moving(S1, TARGET, True), (), [f"EnsureDomain:{S1}"], id="tgt-released"),
+        pytest.param(
+            moving(S1, TARGET, False, DomainPower.SHUTDOWN), (), [], id="tgt-holds-stopped"
+        ),
+        pytest.param(moving(S1, TARGET, True), (status(S1),), [], id="tgt-converged"),
+    ],
+)
+def test_plan_migration_both_sides(
+    server: rc.DesiredServer, actual: tuple[DomainStatus, ...], expected: list[str]
+) -> None:
+    assert kinds(rc.plan(rc.Desired("cmp-01", (server,)), rc.Actual(actual))) == expected
+
+
+@pytest.mark.parametrize(
+    ("server", "observed", "report", "release"),
+    [
+        pytest.param(moving(S1, SOURCE, False), DomainPower.SHUTDOWN, False, True, id="src-gone"),
+        pytest.param(moving(S1, SOURCE, False), DomainPower.RUNNING, False, False, id="src-up"),
+        pytest.param(
+            moving(S1, TARGET, False, DomainPower.SHUTDOWN),
+            DomainPower.SHUTDOWN,
+            False,
+            False,
+            id="tgt-before-release-says-nothing",
+        ),
+        pytest.param(moving(S1, TARGET, True), DomainPower.RUNNING, True, False, id="tgt-landed"),
+    ],
+)
+def test_migration_reports_and_release(
+    server: rc.DesiredServer, observed: DomainPower, report: bool, release: bool
+) -> None:
+    assert rc.should_report(server, observed, "", hold=False) is report
+    assert rc.should_report(server, observed, "boom", hold=False) is server.may_start
+    assert rc.should_release(server, observed is not DomainPower.SHUTDOWN) is release
+
+
+async def test_hand_off_never_runs_the_server_on_both_hosts() -> None:
+    src_hv, tgt_hv, src_api, tgt_api = FakeHypervisor(), FakeHypervisor(), Reports(), Reports()
+    src, tgt = rc.Reconciler(src_hv, None, src_api), rc.Reconciler(tgt_hv, None, tgt_api)
+    src_hv.domains[S1] = (spec(S1), DomainPower.RUNNING)
+
+    def running_on() -> set[str]:
+        return {
+            name
+            for name, hv in (("src", src_hv), ("tgt", tgt_hv))
+            if hv.domains.get(S1, (None, None))[1] is DomainPower.RUNNING
+        }
+
+    # The target learns of the migration first: it holds and says nothing.
+    before = await tgt.run_once(rc.Desired("cmp-02", (moving(S1, TARGET, False),)))
+    assert before.actions == [] and tgt_api.sent == [] and running_on() == {"src"}
+    # The source removes its copy and reports the release in the same pass.
+    src_api.fail_release = True  # the API is away: no release said, retried next pass
+    away = await src.run_once(rc.Desired("cmp-01", (moving(S1, SOURCE, False),)))
+    assert kinds(away.actions) == [f"RemoveDomain:{S1}"] and away.released == []
+    assert running_on() == set()
+    src_api.fail_release = False
+    gone = await src.run_once(rc.Desired("cmp-01", (moving(S1, SOURCE, False),)))
+    assert gone.actions == [] and gone.released == [S1] and src_api.sent == []
+    again = await src.run_once(rc.Desired("cmp-01", (moving(S1, SOURCE, False),)))
+    assert again.released == []  # said once per process (a repeat would record nothing)
+    # Released: the target starts it and its report ends the migration.
+    landed = await tgt.run_once(rc.Desired("cmp-02", (moving(S1, TARGET, True),)))
+    assert kinds(landed.actions) == [f"EnsureDomain:{S1}"]
+    assert running_on() == {"tgt"}
+    assert tgt_api.sent == [(S1, DomainPower.RUNNING, "")]
+    # A restarted source (no memory) may say it again; the API records nothing then.
+    fresh = rc.Reconciler(src_hv, None, src_api)
+    assert (await fresh.run_once(rc.Desired("cmp-01", (moving(S1, SOURCE, False),)))).released
+    assert src_api.released == [S1, S1] and running_on() == {"tgt"}

@@ -26,7 +26,12 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from vim.agent.observe import AgentMetrics
 from vim.api.metrics import ApiMetrics
+from vim.faultd.service import Stats as FaultdStats
+from vim.scheduler.service import Stats as SchedulerStats
+from vim.sdn.service import STATS_GAUGES as SDN_GAUGES
+from vim.sdn.service import Stats as SdnStats
 from vim.telemetry import ServiceMetrics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,8 +82,23 @@ def _declared_names() -> set[str]:
     return names
 
 
+def _service_registries() -> Iterator[CollectorRegistry]:
+    """Each service's registry as its process builds it (per-service names, stats)."""
+    for service, stats, gauges in (
+        ("scheduler", SchedulerStats(), ()),
+        ("faultd", FaultdStats(), ()),
+        ("sdn", SdnStats(), SDN_GAUGES),
+    ):
+        metrics = ServiceMetrics(service)
+        metrics.track_stats(stats, gauges=gauges)
+        yield metrics.registry
+    yield AgentMetrics().registry
+
+
 def known_metric_names() -> set[str]:
     known = _registry_names(ApiMetrics().registry) | _registry_names(ServiceMetrics("x").registry)
+    for registry in _service_registries():
+        known |= _registry_names(registry)
     return known | _declared_names() | PROMETHEUS_SYNTHETIC | ETCD_NAMES
 
 
@@ -137,6 +157,9 @@ def test_known_names_come_from_the_registries() -> None:
     assert {"vim_service_leader", "vim_service_actions_total", "vim_service_up"} <= known
     assert "process_resident_memory_bytes" in known
     assert "vim_api_requests" not in known  # a counter is read as ..._total
+    assert {"vim_scheduler_placed_total", "vim_sdn_segment_clashes"} <= known
+    assert {"vim_faultd_is_leader", "vim_agent_reconcile_actions_total"} <= known
+    assert "vim_sdn_segment_clashes_total" not in known  # a level, not a count
 
 
 def test_dashboard_reads_only_metrics_the_code_defines() -> None:

@@ -156,7 +156,8 @@ def test_migration_constraints() -> None:
     assert event == server.ServerMigrationRequested(SID, "LIVE", "cmp-1", "cmp-2", 0, T1)
     migrating = server.evolve(s, event)
     assert (migrating.task, migrating.migration_target) == ("MIGRATING", "cmp-2")
-    # the destination's agent may report once the server is moving there
+    # the destination's agent may report once the source released the server
+    migrating = server.evolve(migrating, *server.release_source(migrating, "cmp-1", T1))
     landed = server.report_state(migrating, "cmp-2", ServerState.ACTIVE, PowerState.RUNNING, T1)
     assert server.evolve(migrating, landed[0]).host == "cmp-2"
     pinned = given(

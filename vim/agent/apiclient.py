@@ -39,6 +39,10 @@ _POWER_OUT = {
     DomainPower.CRASHED: compute_pb2.POWER_STATE_CRASHED,
 }
 _POWER_IN = {v: k for k, v in _POWER_OUT.items()}
+_ROLES = {
+    pb.MIGRATION_ROLE_SOURCE: rc.MigrationRole.SOURCE,
+    pb.MIGRATION_ROLE_TARGET: rc.MigrationRole.TARGET,
+}
 _RUNNING_HOST_STATES = (hosts_pb2.HOST_STATE_UP, hosts_pb2.HOST_STATE_MAINTENANCE)
 
 
@@ -127,6 +131,13 @@ class AgentApi:
             )
         )
 
+    async def release_source(self, server_id: str) -> bool:
+        """This host, a migration's source, removed its copy; True if it was news."""
+        ack = await self._stub.ReportMigrationSourceReleased(
+            pb.ReportMigrationSourceReleasedRequest(hostname=self.hostname, server_id=server_id)
+        )
+        return bool(ack.recorded)
+
     async def report_server_fault(self, server_id: str, watchdog: bool, detail: str) -> bool:
         ack = await self._stub.ReportServerFault(
             pb.ReportServerFaultRequest(
@@ -206,6 +217,9 @@ class AgentApi:
             if state in rc.ApiState.__members__
             else rc.ApiState.UNKNOWN,
             known_power=_POWER_IN.get(s.power_state),
+            migration_role=_ROLES.get(s.migration_role, rc.MigrationRole.NONE),
+            may_start=bool(s.may_start),
+            correlation_id=s.correlation_id,
         )
 
 

@@ -24,6 +24,13 @@ Invariants:
   for and the control plane does not know it yet, when no task is in progress
   and the state changed by itself, or when an action failed (with the reason).
   A reboot is done once per REBOOTING task.
+* Migrations are a hand-off, never a server on two hosts (`may_start`): the
+  source (`MigrationRole.SOURCE`) removes its domain like an unwanted one and,
+  once a listing shows it gone, reports the release
+  (`Reporter.release_source`); the target defines and starts nothing (and
+  removes a stray copy) until the control plane says the source released it,
+  then ensures it like any other server and its report ends the migration.
+  Neither side reports the server's state while it may not run it.
 """
 
 from __future__ import annotations
@@ -82,6 +89,14 @@ STATE_OF_POWER: dict[DomainPower, ApiState] = {
 }
 
 
+class MigrationRole(enum.StrEnum):
+    """This host's part in a migration of the server in progress."""
+
+    NONE = "NONE"
+    SOURCE = "SOURCE"
+    TARGET = "TARGET"
+
+
 @dataclass(frozen=True, slots=True)
 class DesiredServer:
     """One server placed on this host: what to run, and what the control plane knows."""
@@ -93,6 +108,11 @@ class DesiredServer:
     """The operation in progress ("" none, "REBOOTING", "SPAWNING", ...)."""
     known_state: ApiState = ApiState.UNKNOWN
     known_power: DomainPower | None = None
+    migration_role: MigrationRole = MigrationRole.NONE
+    may_start: bool = True
+    """False on a migration's source, and on its target until the source released it."""
+    correlation_id: str = ""
+    """The correlation id of the last request that touched the server (for the logs)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,10 +213,11 @@ def plan(
 
     Order: removals first (free resources, never two copies), then domains, then
     the switch (bridges, ports, tunnels, flows). `rebooted`: servers already
-    rebooted for their current REBOOTING task.
+    rebooted for their current REBOOTING task. A server this host may not start
+    (a migration's source, or its target before the release) counts as unwanted.
     """
     actions: list[Action] = []
-    wanted = {s.spec.server_id: s for s in desired.servers}
+    wanted = {s.spec.server_id: s for s in desired.servers if s.may_start}
     running = {d.server_id: d for d in actual.domains}
     actions += [RemoveDomain(sid) for sid in sorted(running) if sid not in wanted]
     hold = hold or not desired.host_up
@@ -233,12 +254,17 @@ class Reporter(Protocol):
     async def report_state(self, server_id: str, power: DomainPower, fault_reason: str) -> None:
         """Record the observed power state of one of this host's servers."""
 
+    async def release_source(self, server_id: str) -> bool:
+        """Record that this host, a migration's source, removed its copy (True: recorded)."""
+
 
 @dataclass(slots=True)
 class PassResult:
     actions: list[Action] = field(default_factory=list)
     failed: list[tuple[Action, str]] = field(default_factory=list)
     reported: list[tuple[str, DomainPower, str]] = field(default_factory=list)
+    released: list[str] = field(default_factory=list)
+    """Migrating servers whose release this pass reported (this host is their source)."""
     after: Actual | None = None
     """The actual state at the end of the pass (re-listed when the pass changed domains)."""
 
@@ -262,6 +288,7 @@ class Reconciler:
         self.switch = switch
         self.reporter = reporter
         self._rebooted: set[str] = set()
+        self._released: set[str] = set()
         self.passes = 0
 
     async def actual(self) -> Actual:
@@ -274,10 +301,20 @@ class Reconciler:
         self.passes += 1
         rebooting = {s.spec.server_id for s in desired.servers if s.task == "REBOOTING"}
         self._rebooted &= rebooting  # a finished REBOOTING task may be asked for again
+        self._released &= {
+            s.spec.server_id for s in desired.servers if s.migration_role is MigrationRole.SOURCE
+        }
         actual = await self.actual()
         result = PassResult(plan(desired, actual, hold=hold, rebooted=frozenset(self._rebooted)))
         failures: dict[str, str] = {}
+        arriving = {
+            s.spec.server_id for s in desired.servers if s.migration_role is MigrationRole.TARGET
+        }
         for action in result.actions:
+            if isinstance(action, EnsureDomain) and action.spec.server_id in arriving:
+                log.info(
+                    "migration of %s: released by the source, starting here", action.spec.server_id
+                )
             try:
                 await self._execute(action)
             except Exception as exc:  # a failed call must not stop the other actions
@@ -328,6 +365,8 @@ class Reconciler:
         observed = {d.server_id: d for d in actual.domains}
         for s in desired.servers:
             sid = s.spec.server_id
+            if should_release(s, sid in observed) and sid not in self._released:
+                await self._release(sid, result)
             have = observed.get(sid)
             power = have.power if have is not None else DomainPower.SHUTDOWN
             reason = failures.get(sid, "")
@@ -340,11 +379,33 @@ class Reconciler:
                 continue
             result.reported.append((sid, power, reason))
 
+    async def _release(self, sid: str, result: PassResult) -> None:
+        try:
+            recorded = await self.reporter.release_source(sid)
+        except Exception as exc:  # the next pass reports again
+            log.warning("release of %s failed: %r", sid, exc)
+            return
+        self._released.add(sid)
+        result.released.append(sid)
+        log.info(
+            "migration of %s: domain removed here, release %s",
+            sid,
+            "recorded" if recorded else "already known",
+        )
+
+
+def should_release(s: DesiredServer, present: bool) -> bool:
+    """Whether to report that this host, a migration's source, let the server go: its
+    domain is gone (listed after the removal)."""
+    return s.migration_role is MigrationRole.SOURCE and not present
+
 
 def should_report(s: DesiredServer, observed: DomainPower, reason: str, *, hold: bool) -> bool:
     """Whether the observation is news the control plane must get (see the module docstring)."""
     if hold:
         return False  # the host is not UP: the fault manager owns these servers now
+    if not s.may_start:
+        return False  # a migration's source, or its target before the release: nothing to say
     known = (s.known_state, s.known_power, s.task)
     news = known != (STATE_OF_POWER[observed], observed, "")
     if reason:

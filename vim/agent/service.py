@@ -44,9 +44,10 @@ from pathlib import Path
 from typing import Any
 
 from ha.liveness import DEFAULT_TTL_S, LivenessKeeper, LivenessRecord
+from vim import telemetry
 from vim._gen.vim.v1 import hosts_pb2
+from vim.agent import observe, reports
 from vim.agent import reconcile as rc
-from vim.agent import reports
 from vim.agent.apiclient import AgentApi
 from vim.agent.drivers import DomainEvent, DomainEventKind, DomainPower, HypervisorDriver
 from vim.agent.fencing import Fence, FenceWatchdog, libvirt_destroyer
@@ -88,6 +89,9 @@ class AgentConfig:
     supervise: tuple[SupervisedService, ...] = field(default_factory=tuple)
     status_file: Path | None = None
     """Written (atomically) after every pass: what the agent sees and does (JSON)."""
+    metrics_listen: str | None = None
+    """Serve Prometheus metrics on HOST:PORT (`vim.agent.observe`); None: no endpoint."""
+    metrics_port_file: Path | None = None
 
 
 def hypervisor_type(uri: str) -> int:
@@ -492,7 +496,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, str]:
     )
     p.add_argument("--status-file", type=Path, default=env("VIM_AGENT_STATUS_FILE"))
     p.add_argument("--log-level", default=env("VIM_LOG_LEVEL", "INFO"))
+    telemetry.add_metrics_arguments(p)
     a = p.parse_args(argv)
+    listen = telemetry.metrics_listen(p, a.metrics_listen)
     if not a.hostname:
         p.error("--hostname is required (or VIM_AGENT_HOSTNAME)")
     token = env("VIM_AGENT_TOKEN", "")
@@ -531,12 +537,15 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, str]:
         post_fence_hold_s=a.post_fence_hold,
         supervise=services,
         status_file=a.status_file,
+        metrics_listen=listen,
+        metrics_port_file=a.metrics_port_file,
     )
     return config, a.log_level
 
 
-def build(config: AgentConfig) -> Agent:
-    """The agent with its real drivers."""
+def build(config: AgentConfig, metrics: observe.AgentMetrics | None = None) -> Agent:
+    """The agent with its real drivers; its reconciler logs each server action under
+    the server's correlation id and, with `metrics`, counts (`vim.agent.observe`)."""
     from vim.agent.libvirt_driver import LibvirtDriver
 
     config.state_dir.mkdir(parents=True, exist_ok=True)
@@ -544,7 +553,14 @@ def build(config: AgentConfig) -> Agent:
     switch = None
     if config.ovs != "none":
         switch = _ovs_driver(config)
-    return Agent(config, hv, switch, fence=make_fence(config.libvirt_uri, hv))
+    fence = make_fence(config.libvirt_uri, hv)
+    agent = Agent(config, hv, switch, fence=fence)
+    agent.reconciler = observe.ObservedReconciler(hv, switch, agent.api, metrics)
+    if metrics is not None:
+        agent.watchdog = observe.CountingWatchdog(config.ttl_s, fence, metrics)
+        metrics.watch(agent)
+        metrics.service.leading(True)
+    return agent
 
 
 def _ovs_driver(config: AgentConfig) -> Any:
@@ -558,22 +574,29 @@ def _ovs_driver(config: AgentConfig) -> Any:
 
 
 async def serve(config: AgentConfig) -> None:
-    agent = build(config)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: asyncio.ensure_future(agent.stop()))
-    await agent.run()
+    metrics = observe.AgentMetrics() if config.metrics_listen else None
+    endpoint = (
+        metrics.service.serve(config.metrics_listen, config.metrics_port_file)
+        if metrics is not None and config.metrics_listen
+        else None
+    )
+    try:
+        agent = build(config, metrics)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(agent.stop()))
+        await agent.run()
+    finally:
+        if endpoint is not None:
+            # Blocks for up to the HTTP server's poll interval: keep the loop free.
+            await asyncio.to_thread(endpoint.close)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console script `vim-agent`."""
     config, level = parse_args(argv)
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1` dumps every thread's stack
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    telemetry.configure_logging(level)  # JSON lines; correlation ids from structlog's context
     asyncio.run(serve(config))
     return 0
 

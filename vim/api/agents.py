@@ -18,7 +18,9 @@ one. Writes go through the command runner like every other mutating RPC
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
@@ -38,6 +40,8 @@ from vim.app.commands import Change, Decision, Principal
 from vim.domain import faults, host, netplan, server
 from vim.errors import FieldViolation, PermissionDenied, Unavailable, VimError
 from vim.projections.readmodel import ReadModel, register_kind
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = "vim.v1.Agents"
 register_kind(netplan.KIND, netplan.evolve)
@@ -104,7 +108,8 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
             sid = host.stream(me)
             entry = model.get(sid)
             state: host.Host | None = entry.state if entry else None
-            events = host.register(state, me, spec, at)
+            mine = spec if state is None else _keep_operator_fields(registration, spec, state.spec)
+            events = host.register(state, me, mine, at)
             after = state
             for e in events:
                 after = host.evolve(after, e)
@@ -169,10 +174,37 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
         power = REPORTABLE_POWER[request.power_state]
         ctx = self._node.command(principal, request, "ReportServerState", context)
         at = v.now()
+        released_at = _released_at(self._node.model, me, request.server_id)
         out = await self._node.runner.run(
             ctx,
             lambda m: app.report_state(m, me, request.server_id, power, request.fault_reason, at),
         )
+        if released_at and out.response.get("recorded"):
+            log.info(
+                "migration of %s done: %s on %s %.0f ms after the source released it",
+                request.server_id,
+                power.value,
+                me,
+                _ms_between(released_at, at),
+            )
+        return self._ack(context, out.response, out.position)
+
+    @rpc
+    async def ReportMigrationSourceReleased(
+        self, request: pb.ReportMigrationSourceReleasedRequest, context: Ctx
+    ) -> pb.ReportAck:
+        bad: list[FieldViolation] = []
+        v.resource_id("server_id", request.server_id, bad)
+        principal, me = await self._agent(
+            context, "ReportMigrationSourceReleased", request.hostname, bad
+        )
+        ctx = self._node.command(principal, request, "ReportMigrationSourceReleased", context)
+        at = v.now()
+        out = await self._node.runner.run(
+            ctx, lambda m: app.release_source(m, me, request.server_id, at)
+        )
+        if out.response.get("recorded"):
+            log.info("migration of %s: source %s released it at %s", request.server_id, me, at)
         return self._ack(context, out.response, out.position)
 
     @rpc
@@ -259,6 +291,24 @@ def _certificate_names(context: Ctx, hostname: str) -> None:
         )
 
 
+def _released_at(model: ReadModel, hostname: str, server_id: str) -> str:
+    """When the source released `server_id`, if `hostname` is the target of that hand-off."""
+    entry = model.get(server.stream(server_id))
+    s: server.Server | None = entry.state if entry else None
+    if s is None or not s.migration_released or app.migration_role(s, hostname) != "TARGET":
+        return ""
+    return s.migration_released_at
+
+
+def _ms_between(start: str, end: str) -> float:
+    try:
+        a = datetime.fromisoformat(start.replace("Z", "+00:00"))
+        b = datetime.fromisoformat(end.replace("Z", "+00:00"))
+    except ValueError:
+        return -1.0
+    return (b - a).total_seconds() * 1000
+
+
 def _timestamp(field: str, value: str, out: list[FieldViolation]) -> None:
     """An RFC 3339 time (what `datetime.fromisoformat` reads, with a zone)."""
     try:
@@ -281,15 +331,24 @@ def desired_msg(d: app.HostDesired) -> pb.HostDesiredState:
             if d.host_state
             else hosts_pb2.HOST_STATE_UNSPECIFIED
         ),
-        servers=[_server_msg(s) for s in d.servers],
+        servers=[_server_msg(s, d.hostname) for s in d.servers],
         network_plan=_plan_msg(d.plan),
         position=max(d.position, 0),
         fingerprint=d.fingerprint(),
     )
+    for s in msg.servers:  # the request that last touched each server (for the agent's logs)
+        s.correlation_id = d.correlations.get(s.server_id, "")
     return msg
 
 
-def _server_msg(s: server.Server) -> pb.DesiredServer:
+_ROLES = {
+    "": pb.MIGRATION_ROLE_UNSPECIFIED,
+    "SOURCE": pb.MIGRATION_ROLE_SOURCE,
+    "TARGET": pb.MIGRATION_ROLE_TARGET,
+}
+
+
+def _server_msg(s: server.Server, hostname: str) -> pb.DesiredServer:
     f = s.flavor
     return pb.DesiredServer(
         server_id=s.server_id,
@@ -316,6 +375,8 @@ def _server_msg(s: server.Server) -> pb.DesiredServer:
         power_state=compute_pb2.PowerState.Value(f"POWER_STATE_{s.power_state.value}"),
         task=s.task,
         metadata=dict(s.metadata),
+        migration_role=_ROLES[app.migration_role(s, hostname)],
+        may_start=app.may_start(s, hostname),
     )
 
 
@@ -347,4 +408,37 @@ def _plan_msg(plan: netplan.HostPlan | None) -> pb.NetworkPlan:
             )
             for p in plan.ports
         ],
+    )
+
+
+def _keep_operator_fields(
+    r: hosts_pb2.RegisterHostRequest, spec: host.HostSpec, stored: host.HostSpec
+) -> host.HostSpec:
+    """An agent's re-registration keeps what the operator set and the agent does not say.
+
+    The agent knows the hardware (vCPUs, RAM, disk, addresses, zone); the BMC
+    endpoint, the allocation ratios and the instance limit are usually set by an
+    operator (Hosts.RegisterHost). An agent restarting with none of them set must
+    not reset them to the defaults: a lost BMC endpoint would turn a fenced
+    failover into a wait for the self-fence timeout.
+    """
+    return replace(
+        spec,
+        bmc_endpoint=r.bmc_endpoint or stored.bmc_endpoint,
+        cpu_allocation_ratio=(
+            spec.cpu_allocation_ratio
+            if r.HasField("cpu_allocation_ratio")
+            else stored.cpu_allocation_ratio
+        ),
+        ram_allocation_ratio=(
+            spec.ram_allocation_ratio
+            if r.HasField("ram_allocation_ratio")
+            else stored.ram_allocation_ratio
+        ),
+        disk_allocation_ratio=(
+            spec.disk_allocation_ratio
+            if r.HasField("disk_allocation_ratio")
+            else stored.disk_allocation_ratio
+        ),
+        max_instances=spec.max_instances if r.max_instances else stored.max_instances,
     )

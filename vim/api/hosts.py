@@ -9,22 +9,31 @@ with the stored JSON view (what a repeat of the request id gets back).
   open to every role.
 - A command that changes nothing (a re-registration with the same values,
   maintenance enabled twice) appends nothing and answers with the current view.
+- EvacuateHost (admin, the operator's role) records a request that the fault
+  manager carries out (fence, then evacuate whatever the zone's policy). Whether
+  the host's agent is alive is read from its liveness key in etcd
+  (`VIM_ETCD_ENDPOINTS`, as `Admin.GetClusterStatus` reads it); without etcd (the
+  embedded default) an UP or MAINTENANCE host counts as alive, as it does there.
+  An etcd that cannot be read gives UNAVAILABLE: the request is not guessed at.
 - Reservations are another module's: the servicer takes an optional provider
   `reservations(model)` and passes what it returns to `app.capacity.capacity`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import math
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from ha.liveness import read_liveness
 from vim._gen.vim.v1 import hosts_pb2 as pb
 from vim._gen.vim.v1 import hosts_pb2_grpc
 from vim.api import validation as v
+from vim.api.admin import etcd_from_env
 from vim.api.auth import ADMIN, READ
 from vim.api.errors import refuse, rpc
 from vim.api.node import Ctx, Node, view_to
@@ -32,7 +41,7 @@ from vim.app import capacity as cap
 from vim.app.commands import Change, Decision
 from vim.domain import host
 from vim.domain.base import DomainEvent
-from vim.errors import FieldViolation, NotFound
+from vim.errors import FieldViolation, NotFound, Unavailable
 from vim.projections.readmodel import ReadModel, register_kind
 
 SERVICE_NAME = "vim.v1.Hosts"
@@ -61,12 +70,40 @@ _HYPERVISORS = {
 }
 
 Provider = Callable[[ReadModel], Iterable[cap.ReservationLike]]
+AgentAlive = Callable[[host.Host], Awaitable[bool]]
+"""Whether the host's agent holds its liveness lease now."""
+LIVENESS_TIMEOUT_S = 3.0
+
+
+def liveness_reader(etcd_endpoints: Sequence[str]) -> AgentAlive:
+    """The agent's liveness as `Admin.GetClusterStatus` sees it: its key in etcd, or,
+    without etcd (embedded), its host being UP or in maintenance."""
+
+    async def alive(h: host.Host) -> bool:
+        if not etcd_endpoints:
+            return h.state in (host.HostState.UP, host.HostState.MAINTENANCE)
+        try:
+            async with asyncio.timeout(LIVENESS_TIMEOUT_S):
+                record = await read_liveness(etcd_endpoints, h.hostname, rpc_timeout_s=1.0)
+        except Exception as exc:  # any failure to read: we do not know, so we refuse
+            why = type(exc).__name__
+            raise Unavailable(f"cannot read the liveness of {h.hostname} from etcd: {why}") from exc
+        return record is not None
+
+    return alive
 
 
 class HostsServicer(hosts_pb2_grpc.HostsServicer):
-    def __init__(self, node: Node, *, reservations: Provider | None = None) -> None:
+    def __init__(
+        self,
+        node: Node,
+        *,
+        reservations: Provider | None = None,
+        agent_alive: AgentAlive | None = None,
+    ) -> None:
         self._node = node
         self._reservations = reservations
+        self._agent_alive = agent_alive or liveness_reader(etcd_from_env())
 
     @rpc
     async def RegisterHost(self, request: pb.RegisterHostRequest, context: Ctx) -> pb.Host:
@@ -153,6 +190,29 @@ class HostsServicer(hosts_pb2_grpc.HostsServicer):
             sid = host.stream(request.hostname)
             state = _state(model, sid)
             events = host.disable_maintenance(state, request.hostname, at)
+            return _decision(model, sid, state, events)
+
+        out = await self._node.runner.run(ctx, decide)
+        self._node.answered(context, out.position)
+        return _host_msg(out.response)
+
+    @rpc
+    async def EvacuateHost(self, request: pb.EvacuateHostRequest, context: Ctx) -> pb.Host:
+        principal = await self._node.caller(context, ADMIN, "EvacuateHost")
+        bad: list[FieldViolation] = []
+        label("hostname", request.hostname, bad)
+        v.name("reason", request.reason, bad, required=False)
+        refuse(bad)
+        ctx = self._node.command(principal, request, "EvacuateHost", context)
+        at = v.now()
+        current = find(self._node.model, request.hostname)
+        settled = (host.HostState.FAILED, host.HostState.FENCED)
+        alive = current.state not in settled and await self._agent_alive(current)
+
+        def decide(model: ReadModel) -> Decision:
+            sid = host.stream(request.hostname)
+            state = _state(model, sid)
+            events = host.request_evacuation(state, request.hostname, request.reason, alive, at)
             return _decision(model, sid, state, events)
 
         out = await self._node.runner.run(ctx, decide)
@@ -337,6 +397,8 @@ def view(h: host.Host) -> dict[str, Any]:
         "capacity": _capacity(cap.of_host(h).capacity),
         "registeredAt": h.registered_at,
         "updatedAt": h.updated_at,
+        "evacuationRequested": h.evacuation_requested,
+        "evacuationReason": h.evacuation_reason,
     }
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
-import logging
 import os
 import signal
 import sys
@@ -40,6 +39,7 @@ import grpc
 import structlog
 from grpc_reflection.v1alpha import reflection
 
+from vim import telemetry
 from vim._gen.vim.v1 import (
     admin_pb2_grpc,
     agents_pb2_grpc,
@@ -73,6 +73,7 @@ from vim.errors import VimError
 from vim.eventlog.sql import SqlEventLog
 from vim.eventlog.store import EventLog
 from vim.projections.readmodel import Projector
+from vim.sdnotify import Notifier, keep_pinging
 
 logger = structlog.get_logger("vim.api")
 
@@ -365,32 +366,9 @@ def _write_port_file(path: Path | None, port: int | None) -> None:
 
 
 def configure_logging(level: str = "INFO", *, json_output: bool = True) -> None:
-    """structlog and stdlib logging both render through structlog, as JSON lines on stderr."""
-    shared: list[structlog.typing.Processor] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
-        structlog.stdlib.add_logger_name,
-        structlog.processors.TimeStamper(fmt="iso", utc=True),
-    ]
-    structlog.configure(
-        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
-        cache_logger_on_first_use=True,
-    )
-    renderer = (
-        structlog.processors.JSONRenderer() if json_output else structlog.dev.ConsoleRenderer()
-    )
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        structlog.stdlib.ProcessorFormatter(
-            foreign_pre_chain=shared,
-            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
-        )
-    )
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
+    """structlog and stdlib logging both render through structlog, as JSON lines on
+    stderr (`vim.telemetry.configure_logging`, which every service uses)."""
+    telemetry.configure_logging(level, json_output=json_output)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ApiConfig, str]:
@@ -516,8 +494,12 @@ def _check_tls_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> N
             p.error(f"--{flag.replace('_', '-')}: no such file: {getattr(a, flag)}")
 
 
-async def serve(config: ApiConfig) -> None:
-    """Run a node until SIGTERM or SIGINT, then stop it gracefully."""
+async def serve(config: ApiConfig, notifier: Notifier | None = None) -> None:
+    """Run a node until SIGTERM or SIGINT, then stop it gracefully.
+
+    systemd (`Type=notify`): READY=1 once the node serves (port bound, read model
+    caught up), WATCHDOG=1 from this event loop while it runs, STOPPING=1 at stop."""
+    notifier = notifier or Notifier.from_env()
     loop = asyncio.get_running_loop()
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -531,8 +513,14 @@ async def serve(config: ApiConfig) -> None:
         f"vim-api serving {tls} on {node.address}{metrics_at if node.metrics_port else ''}",
         flush=True,
     )
-    await stop_requested.wait()
-    await node.stop()
+    pings = asyncio.create_task(keep_pinging(notifier))
+    notifier.ready(f"serving on {node.address}")
+    try:
+        await stop_requested.wait()
+    finally:
+        notifier.stopping()
+        pings.cancel()
+        await node.stop()
 
 
 GC_GEN0_THRESHOLD = 20_000
@@ -557,6 +545,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.worker_index is not None:
         from vim.api import workers
 
+        # The supervisor speaks to systemd for the node; a worker must not (its pid is
+        # not the unit's main pid, and its READY=1 would not mean the node serves).
+        os.environ.pop("NOTIFY_SOCKET", None)
         workers.die_with_supervisor()
         structlog.contextvars.bind_contextvars(worker=config.worker_index)
     if config.workers > 1:

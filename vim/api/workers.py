@@ -57,6 +57,7 @@ from prometheus_client import multiprocess
 
 from vim.api import metrics
 from vim.api.server import ApiConfig, _host, _write_port_file
+from vim.sdnotify import Notifier, keep_pinging
 
 logger = structlog.get_logger("vim.api")
 
@@ -99,6 +100,8 @@ class _Supervisor:
     metrics_dir: Path | None = None
     """Where the workers write their metrics (prometheus_client multiprocess mode)."""
     endpoint: metrics.MetricsEndpoint | None = None
+    notifier: Notifier = field(default_factory=Notifier.from_env)
+    """systemd's notify socket: the supervisor is the unit's main process."""
 
 
 def supervise(config: ApiConfig, argv: Sequence[str]) -> int:
@@ -228,10 +231,16 @@ async def _run(sup: _Supervisor) -> int:
         if sup.stopping.is_set():
             raise _Stop(0)
         _announce(sup)
-        await _watch(sup)
+        pings = asyncio.create_task(keep_pinging(sup.notifier))
+        sup.notifier.ready(f"serving with {len(sup.workers)} workers")
+        try:
+            await _watch(sup)
+        finally:
+            pings.cancel()
     except _Stop as stop:
         status = stop.status
     finally:
+        sup.notifier.stopping()
         status = max(status, await _stop_all(sup))
     logger.info("api supervisor stopped", status=status)
     return status

@@ -12,6 +12,10 @@ nothing about servers that are not its own.
 - `report_state`: the observed power state of one of its servers; the server
   state follows from it (`STATE_OF_POWER`); unchanged observations decide
   nothing (`server.report_state`).
+- `release_source`: the source host of a migration stopped and removed its copy
+  (`ServerMigrationSourceReleased`); only the source may say so, a repeat decides
+  nothing. The target's desired state carries the fact (`may_start`), and the
+  fingerprint covers it, so the target's watch wakes up at once.
 - `server_fault`, `host_fault`, `self_fenced`: the facts of `vim.domain.faults`,
   on the server's or the host's stream.
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vim.app.commands import Change, Decision
 from vim.domain import faults, host, netplan, server
@@ -48,6 +52,8 @@ class HostDesired:
     servers: tuple[server.Server, ...]
     plan: netplan.HostPlan | None
     position: int
+    correlations: Mapping[str, str] = field(default_factory=dict)
+    """Per server id, the correlation id of the last request that touched it."""
 
     def fingerprint(self) -> str:
         """Equal for equal desired states (whatever the position)."""
@@ -55,6 +61,7 @@ class HostDesired:
         for s in self.servers:
             h.update(repr(s).encode())
         h.update(repr(self.plan).encode())
+        h.update(repr(sorted(self.correlations.items())).encode())
         return h.hexdigest()[:32]
 
 
@@ -85,12 +92,19 @@ def desired(
         placed = placements(model)
     plan_entry = model.get(netplan.stream(hostname))
     plan: netplan.HostPlan | None = plan_entry.state if plan_entry else None
+    servers = placed.get(hostname, ())
+    correlations = {
+        s.server_id: cid
+        for s in servers
+        if (cid := model.correlations.get(server.stream(s.server_id)))
+    }
     return HostDesired(
         hostname,
         state.state if state else None,
-        placed.get(hostname, ()),
+        servers,
         plan,
         model.position,
+        correlations,
     )
 
 
@@ -128,6 +142,33 @@ def report_state(
     events = server.report_state(
         s, hostname, STATE_OF_POWER[power], power, now, fault_reason=fault_reason
     )
+    return _on(model, server.stream(server_id), events)
+
+
+def migration_role(s: server.Server, hostname: str) -> str:
+    """`hostname`'s part in a migration of `s` in progress: "SOURCE", "TARGET" or ""."""
+    if not server.handing_off(s):
+        return ""
+    if hostname == s.host:
+        return "SOURCE"
+    return "TARGET" if hostname == s.migration_target else ""
+
+
+def may_start(s: server.Server, hostname: str) -> bool:
+    """Whether `hostname` may run `s`: never a migration's source, and its target only
+    once the source released it (a server never runs on two hosts)."""
+    role = migration_role(s, hostname)
+    return role == "" or (role == "TARGET" and s.migration_released)
+
+
+def release_source(model: ReadModel, hostname: str, server_id: str, now: str) -> Decision:
+    """The source of a migration stopped and removed its copy (nothing if already recorded)."""
+    s = own_server(model, hostname, server_id)
+    if migration_role(s, hostname) != "SOURCE":
+        raise PermissionDenied(
+            f"host {hostname} is not the source of a migration of server {server_id}"
+        )
+    events = server.release_source(s, hostname, now)
     return _on(model, server.stream(server_id), events)
 
 

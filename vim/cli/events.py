@@ -74,8 +74,9 @@ def tail(
 def watch(
     ctx: typer.Context,
     from_position: Annotated[
-        int, typer.Option("--from", min=0, help="Start after this position (0: all).")
-    ] = -1,
+        int | None,
+        typer.Option("--from", min=0, help="Start after this position (0: all; default: now)."),
+    ] = None,
     type_: _Types = None,
     kind: _Kinds = None,
     count: Annotated[int, typer.Option(min=0, help="Stop after this many (0: never).")] = 0,
@@ -85,7 +86,7 @@ def watch(
 
     async def work(vim: VimClient, s: Settings) -> None:
         start = from_position
-        if start < 0:
+        if start is None:
             head = await vim.unary(_STUB, "GetHead", events_pb2.GetHeadRequest())
             start = int(head.head.position)
         request = events_pb2.WatchEventsRequest(

@@ -1,10 +1,10 @@
-"""`vimctl host ...`: hosts, zones, capacity and maintenance."""
+"""`vimctl host ...`: hosts, zones, capacity, maintenance and evacuation."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
@@ -13,12 +13,12 @@ from vim._gen.vim.v1 import compute_pb2, hosts_pb2, hosts_pb2_grpc
 from vim.cli.compute import SERVERS
 from vim.cli.failures import OperationFailed
 from vim.cli.output import as_dict, emit_list, emit_one, stderr
-from vim.cli.resources import Resource, add_common_verbs, list_all
-from vim.cli.runtime import request_id, run
+from vim.cli.resources import Resource, add_common_verbs, get_one, list_all
+from vim.cli.runtime import confirm, request_id, run
 from vim.cli.settings import Output, Settings
 from vim.client import VimClient
 
-hosts = typer.Typer(help="Compute hosts: state, health, capacity, maintenance.")
+hosts = typer.Typer(help="Compute hosts: state, health, capacity, maintenance, evacuation.")
 maintenance = typer.Typer(help="Take a host out of service and back.")
 hosts.add_typer(maintenance, name="maintenance")
 
@@ -126,6 +126,143 @@ def disable(ctx: typer.Context, hostname: Annotated[str, typer.Argument()]) -> N
         emit_one(s.output, as_dict(await vim.unary(_STUB, "DisableMaintenance", request)))
 
     run(ctx, work)
+
+
+_SETTLED = ("HOST_STATE_FAILED", "HOST_STATE_FENCED")
+
+
+def _outcome(server: dict[str, Any], hostname: str) -> str:
+    """Where an evacuated server stands: MOVED, FAILED (no host took it), GONE, or PENDING."""
+    state, on = server.get("state"), server.get("host", "")
+    if state == "SERVER_STATE_DELETED":
+        return "GONE"
+    if state == "SERVER_STATE_ERROR" and not on:
+        return "FAILED"
+    if on and on != hostname:
+        return "MOVED"
+    return "PENDING"
+
+
+async def _servers_now(vim: VimClient, ids: list[str], hostname: str) -> list[dict[str, Any]]:
+    found = await asyncio.gather(*(get_one(vim, SERVERS, sid) for sid in ids))
+    rows = []
+    for message in found:
+        d = as_dict(message)
+        rows.append(
+            {
+                "server_id": d.get("server_id", ""),
+                "name": d.get("name", ""),
+                "host": d.get("host", ""),
+                "state": d.get("state", ""),
+                "outcome": _outcome(d, hostname),
+                "fault_reason": d.get("fault_reason", ""),
+            }
+        )
+    return rows
+
+
+async def wait_evacuated(
+    vim: VimClient, hostname: str, ids: list[str], settings: Settings, timeout_s: float
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Follow an evacuation with a live progress bar: the host fenced, then each of `ids`
+    placed on another host (or failed); the host and the servers at the end."""
+    deadline = time.monotonic() + timeout_s
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=stderr,
+        disable=not (settings.output is Output.TABLE and stderr.is_terminal),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"fencing {hostname}", total=max(len(ids), 1))
+        while True:
+            h = as_dict(await get_one(vim, HOSTS, hostname))
+            rows = await _servers_now(vim, ids, hostname)
+            pending = [r for r in rows if r["outcome"] == "PENDING"]
+            fenced = h.get("state") == "HOST_STATE_FENCED"
+            word = "evacuating" if fenced else "fencing"
+            bar.update(
+                task,
+                description=f"{word} {hostname}",
+                completed=len(rows) - len(pending) if ids else int(fenced),
+            )
+            requested = bool(h.get("evacuation_requested"))
+            if not pending and not requested:
+                return h, rows
+            stuck = [r for r in pending if r["host"] == hostname]
+            if stuck and not requested and h.get("state") not in _SETTLED:
+                raise OperationFailed(
+                    f"the fault manager declined to evacuate {hostname}: its agent is alive "
+                    f"(state {h.get('state', '?').removeprefix('HOST_STATE_')}); nothing moved"
+                )
+            if time.monotonic() > deadline:
+                state = h.get("state", "?").removeprefix("HOST_STATE_")
+                hint = "" if fenced else " (not fenced yet: see `vimctl alarm list`)"
+                raise OperationFailed(
+                    f"{len(pending)} server(s) of {hostname} not placed elsewhere after "
+                    f"{timeout_s:.0f} s; host {state}{hint}"
+                )
+            await asyncio.sleep(0.3)
+
+
+@hosts.command("evacuate")
+def evacuate(
+    ctx: typer.Context,
+    hostname: Annotated[str, typer.Argument()],
+    reason: Annotated[str, typer.Option(help="Why (kept in the event log).")] = "",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="Follow it until every server moved.")
+    ] = True,
+    wait_timeout: Annotated[float, typer.Option()] = 600.0,
+) -> None:
+    """Fence a failed host and rebuild its servers elsewhere, whatever the zone's policy.
+
+    For a host whose agent is gone (FAILED, FENCED, or not renewing its lease). A
+    running host is refused: a planned move is `host maintenance enable`.
+    """
+    confirm(yes, f"evacuate host {hostname} (fence it: power off; rebuild its servers elsewhere)")
+
+    async def work(vim: VimClient, s: Settings) -> None:
+        ids = [str(x["server_id"]) for x in await servers_on(vim, hostname)] if hostname else []
+        request = hosts_pb2.EvacuateHostRequest(
+            request_id=request_id(), hostname=hostname, reason=reason
+        )
+        out = as_dict(await vim.unary(_STUB, "EvacuateHost", request))
+        if not wait:
+            out["servers"] = ids
+            emit_one(s.output, out)
+            return
+        out, rows = await wait_evacuated(vim, hostname, ids, s, wait_timeout)
+        failed = [r for r in rows if r["outcome"] == "FAILED"]
+        out |= {
+            "servers": rows,
+            "servers_moved": sum(r["outcome"] == "MOVED" for r in rows),
+            "servers_failed": len(failed),
+            "done": True,
+        }
+        if s.output is Output.TABLE:
+            emit_list(s.output, rows, _EVACUATED, title=f"evacuated from {hostname}")
+        else:
+            emit_one(s.output, out)
+        if failed:
+            raise OperationFailed(
+                f"{len(failed)} server(s) could not be placed: "
+                + "; ".join(f"{r['server_id']}: {r['fault_reason']}" for r in failed)
+            )
+
+    run(ctx, work)
+
+
+_EVACUATED = [
+    ("ID", "server_id"),
+    ("NAME", "name"),
+    ("OUTCOME", "outcome"),
+    ("HOST", "host"),
+    ("STATE", "state"),
+]
 
 
 @hosts.command("servers")

@@ -25,6 +25,13 @@ Invariants:
   FAILED host is not detected again), and the fault manager appends at the
   versions it read, so a second leader resuming after a crash adds nothing twice.
 - **Higher priority first** (`evacuation_order`), then the oldest, then the id.
+- **Operator's request.** `HostEvacuationRequested` (on the host stream) makes
+  a host whose lease the fault manager does not see suspected at once; it is
+  fenced exactly like a detected failure, and then evacuated even when the
+  zone's policy is `none` (`must_evacuate`). The request ends with
+  `HostEvacuationEnded`: DONE once the fenced host holds no server
+  (`evacuation_done`), DECLINED when the agent is seen alive on a host that has
+  not failed (`evacuation_declined`: a live host is never fenced on request).
 - **Flap damping.** A host returning after a fence rejoins (UP) only if it has
   failed fewer than `FlapPolicy.max_failures` times within `window_s`; otherwise
   it is held FENCED until an operator returns it to service. While held it takes
@@ -239,6 +246,36 @@ def reserved_to_enable(policy: ZonePolicy, all_hosts: Mapping[str, hosts.Host]) 
         return []
     found = (all_hosts.get(name) for name in policy.reserved_hosts)
     return [h for h in found if h is not None and h.maintenance]
+
+
+# --- an operator's request -------------------------------------------------------------
+
+
+def must_evacuate(h: hosts.Host, policy: ZonePolicy) -> bool:
+    """Whether a fenced host's servers are rebuilt elsewhere: by the zone's policy, or
+    because an operator asked (policy `none` leaves that decision to an operator)."""
+    return policy.policy is not RecoveryPolicy.NONE or h.evacuation_requested
+
+
+def evacuation_declined(h: hosts.Host, now: str) -> list[DomainEvent]:
+    """End a request on a host whose agent is alive and that has not failed: nothing is
+    fenced (the API refuses such a request; this covers a lease that came back since)."""
+    if not h.evacuation_requested or h.state not in WATCHED:
+        return []
+    detail = "the host's agent holds its liveness lease: not fenced, nothing moved"
+    return [hosts.HostEvacuationEnded(h.hostname, hosts.EvacuationOutcome.DECLINED, detail, now)]
+
+
+def evacuation_done(
+    h: hosts.Host, on_host: Iterable[servers.Server], now: str
+) -> list[DomainEvent]:
+    """End a request once the host is FENCED and no live server is assigned to it."""
+    if not h.evacuation_requested or h.state is not hosts.HostState.FENCED:
+        return []
+    if any(not s.deleted and s.host == h.hostname for s in on_host):
+        return []
+    detail = "fenced; every server handed to the scheduler"
+    return [hosts.HostEvacuationEnded(h.hostname, hosts.EvacuationOutcome.DONE, detail, now)]
 
 
 # --- rejoin ---------------------------------------------------------------------------

@@ -10,6 +10,12 @@ Stream: `host-<hostname>`; the hostname is a lowercase DNS label, so it is the i
   `enable_maintenance` (which also sets the flag) and back to UP only through
   `disable_maintenance`. DOWN, FAILED and FENCED are set with `change_state` by
   the failure detector and fencing (later issues).
+- Evacuation on request: an operator may ask for a host's servers to be rebuilt
+  elsewhere (`request_evacuation`, `HostEvacuationRequested`). Refused while the
+  host is UP or in maintenance with a live agent (a planned move is maintenance,
+  which migrates without fencing); a repeat while one is pending decides nothing.
+  The fault manager fences the host first, evacuates, and ends the request
+  (`HostEvacuationEnded`, DONE or DECLINED); a host back UP has none pending.
 - Claims: the scheduler claims resources per server id. The state keeps one
   claim per server id, so a repeated claim replaces the earlier one (never
   counted twice; also how a resize is recorded) and a release of an unknown id
@@ -207,6 +213,32 @@ class HostMaintenanceDisabled(DomainEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class HostEvacuationRequested(DomainEvent):
+    """An operator asked for the host's servers to be rebuilt elsewhere (fence first)."""
+
+    hostname: str
+    reason: str = ""
+    at: str = ""
+
+
+class EvacuationOutcome(enum.StrEnum):
+    DONE = "DONE"
+    """The host is fenced and every server on it was handed to the scheduler."""
+    DECLINED = "DECLINED"
+    """The fault manager saw the host's agent alive: nothing was fenced or moved."""
+
+
+@dataclass(frozen=True, slots=True)
+class HostEvacuationEnded(DomainEvent):
+    """The fault manager finished with an operator's evacuation request."""
+
+    hostname: str
+    outcome: str  # an EvacuationOutcome value
+    detail: str = ""
+    at: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class HostResourcesClaimed(DomainEvent):
     hostname: str
     server_id: str
@@ -237,6 +269,9 @@ class Host:
     used: Resources = Resources()
     registered_at: str = ""
     updated_at: str = ""
+    evacuation_requested: bool = False
+    """An operator's evacuation request is pending (`request_evacuation`)."""
+    evacuation_reason: str = ""
 
     @property
     def total(self) -> Resources:
@@ -286,7 +321,10 @@ def evolve(state: Host | None, event: DomainEvent, _recorded: object = None) -> 
         case HostReconfigured():
             return replace(state, spec=_spec_of(event), updated_at=event.at)
         case HostStateChanged():
-            return replace(state, state=HostState(event.state), updated_at=event.at)
+            changed = replace(state, state=HostState(event.state), updated_at=event.at)
+            if changed.state is HostState.UP:  # back in service: no request is pending
+                return replace(changed, evacuation_requested=False, evacuation_reason="")
+            return changed
         case HostHealthChanged():
             return replace(
                 state,
@@ -298,6 +336,10 @@ def evolve(state: Host | None, event: DomainEvent, _recorded: object = None) -> 
             return replace(state, maintenance=True, maintenance_reason=event.reason)
         case HostMaintenanceDisabled():
             return replace(state, maintenance=False, maintenance_reason="")
+        case HostEvacuationRequested():
+            return replace(state, evacuation_requested=True, evacuation_reason=event.reason)
+        case HostEvacuationEnded():
+            return replace(state, evacuation_requested=False, evacuation_reason="")
         case HostResourcesClaimed():
             claim = Resources(event.vcpus, event.ram_mb, event.disk_gb, 1)
             return _with_claims(state, {**state.claims, event.server_id: claim})
@@ -352,6 +394,35 @@ def disable_maintenance(state: Host | None, hostname: str, now: str) -> list[Dom
             )
         )
     return events
+
+
+def request_evacuation(
+    state: Host | None, hostname: str, reason: str, agent_alive: bool, now: str
+) -> list[DomainEvent]:
+    """Record an operator's evacuation request; nothing if one is already pending.
+
+    `agent_alive`: the host's agent holds its liveness lease (as the caller read
+    it). A live agent on a host that has not failed refuses the request: fencing
+    it would power off a working host, and moving its servers is what
+    maintenance does (live or cold migration, no fencing). A FAILED or FENCED
+    host may be evacuated whatever its lease says (a held, flapping host).
+    """
+    host = _existing(state, hostname)
+    if host.evacuation_requested:
+        return []
+    if agent_alive and host.state not in (HostState.FAILED, HostState.FENCED):
+        if host.maintenance:
+            raise InvalidTransition(
+                f"host {hostname} is in maintenance and its agent is alive: its servers are "
+                "being migrated off it (see `vimctl host servers`); evacuation fences a host, "
+                "so it is only for a host whose agent is gone"
+            )
+        raise InvalidTransition(
+            f"host {hostname} is {host.state} and its agent is alive: evacuation fences the "
+            "host (powers it off); for a planned move enable maintenance instead "
+            f"(`vimctl host maintenance enable {hostname} --wait`)"
+        )
+    return [HostEvacuationRequested(hostname, reason, now)]
 
 
 def change_state(

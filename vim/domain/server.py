@@ -7,7 +7,9 @@ Stream: `server-<id>`. Who writes what:
 - the scheduler (a later issue): `ServerScheduled` (host chosen, task SPAWNING)
   or `ServerSchedulingFailed` (ERROR, with the reason);
 - the compute agent of the server's host (a later issue): `ServerStateReported`,
-  the actual state and power state, which ends the task in progress.
+  the actual state and power state, which ends the task in progress;
+- during a migration, the agent of the source host: `ServerMigrationSourceReleased`
+  once its copy is stopped and removed; only then may the target start it.
 
 `state` is therefore what the control plane last learned, while
 `desired_power_state` is what was last asked for; an operation only records the
@@ -16,6 +18,13 @@ request (`task` names it) and the agent reconciles. The operation table
 while a task is in progress, except in ERROR, from which recovery must always be
 possible. DELETED is final: the tombstone keeps the server's last facts (its
 NICs, MACs and addresses) for audit and for recovery to recreate it from.
+
+A migration is a hand-off between two agents, never a server on two hosts: the
+source host stops and removes its copy and records `ServerMigrationSourceReleased`
+(`release_source`); the target starts nothing before that fact, and its report
+(`report_state`) moves `host` to it and ends the migration. Until the release, a
+report from the target decides nothing, and a report from the source never does
+while the hand-off lasts (it is giving the server up).
 """
 
 from __future__ import annotations
@@ -161,6 +170,15 @@ class ServerMigrationRequested(DomainEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class ServerMigrationSourceReleased(DomainEvent):
+    """The source host of a migration stopped and removed its copy: the target may start it."""
+
+    server_id: str
+    host: str
+    released_at: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ServerScheduled(DomainEvent):
     server_id: str
     host: str
@@ -267,6 +285,9 @@ class Server:
     power_state: PowerState = PowerState.UNSPECIFIED
     desired_power_state: PowerState = PowerState.RUNNING
     migration_target: str = ""
+    migration_released: bool = False
+    """The migration's source host has stopped and removed its copy (the target may start)."""
+    migration_released_at: str = ""
     evacuated_from: str = ""
     """The failed host the server was last evacuated from (empty if never)."""
     recovery: str = ""
@@ -377,6 +398,8 @@ def _reported(s: Server, e: ServerStateReported) -> Server:
         progress=e.progress,
         fault_reason=e.fault_reason,
         migration_target="",
+        migration_released=False,
+        migration_released_at="",
         updated_at=e.reported_at or s.updated_at,
     )
 
@@ -410,7 +433,16 @@ def evolve(state: Server | None, event: DomainEvent, _recorded: object = None) -
                 task="MIGRATING",
                 progress=0,
                 migration_target=event.target_host,
+                migration_released=False,
+                migration_released_at="",
                 updated_at=event.requested_at,
+            )
+        case ServerMigrationSourceReleased():
+            return replace(
+                state,
+                migration_released=True,
+                migration_released_at=event.released_at,
+                updated_at=event.released_at or state.updated_at,
             )
         case ServerScheduled():
             return replace(
@@ -431,6 +463,8 @@ def evolve(state: Server | None, event: DomainEvent, _recorded: object = None) -
                 fault_reason="",
                 power_state=PowerState.UNSPECIFIED,
                 migration_target="",
+                migration_released=False,
+                migration_released_at="",
                 evacuated_from=event.from_host,
                 recovery="EVACUATING",
                 updated_at=event.requested_at,
@@ -593,6 +627,8 @@ def report_state(
         raise DomainError(f"host {host} may not report on server {s.server_id}")
     if state not in REPORTABLE:
         raise DomainError(f"a host cannot report state {state.value}")
+    if handing_off(s) and (host == s.host or not s.migration_released):
+        return []  # the source is giving the server up; the target may speak once it has
     if (s.state, s.power_state, s.task, s.fault_reason, s.host) == (
         state,
         power,
@@ -606,3 +642,28 @@ def report_state(
             s.server_id, host, state.value, power.value, fault_reason=fault_reason, reported_at=now
         )
     ]
+
+
+def handing_off(s: Server) -> bool:
+    """A migration to another host is in progress (source `host`, target `migration_target`)."""
+    return (
+        not s.deleted
+        and s.task == "MIGRATING"
+        and bool(s.migration_target)
+        and s.migration_target != s.host
+    )
+
+
+def release_source(s: Server, host: str, now: str) -> list[DomainEvent]:
+    """The source host of a migration stopped and removed its copy; nothing if already said.
+
+    Only the source (`host`) of a migration in progress may say so: anything else is
+    a DomainError (the caller maps a host that is not the source to PermissionDenied).
+    """
+    if s.deleted:
+        return []
+    if not handing_off(s) or host != s.host:
+        raise DomainError(f"host {host} is not the source of a migration of {s.server_id}")
+    if s.migration_released:
+        return []
+    return [ServerMigrationSourceReleased(s.server_id, host, now)]

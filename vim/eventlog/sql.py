@@ -279,5 +279,8 @@ class _Subscription:
             if batch:
                 self._position = batch[-1].position
             if len(batch) < cfg.read_batch:
+                # asyncio.timeout, not wait_for: wait_for (3.11) can swallow a cancellation
+                # that races with the hint, leaving a closed stream's task running.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(hint.wait(), cfg.poll_interval_s)
+                    async with asyncio.timeout(cfg.poll_interval_s):
+                        await hint.wait()

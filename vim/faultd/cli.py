@@ -12,6 +12,12 @@ uses the in-process elector and an in-process liveness registry: nothing fails
 then, because no agent holds a lease, and hosts without a lease are not
 suspected (`unleased_grace_s=None`).
 
+It logs JSON lines, serves Prometheus metrics on `--metrics-listen`
+(`vim_faultd_*` from the manager's `Stats`, `vim_faultd_is_leader`,
+`vim_faultd_term`, `vim_faultd_build_info`, the cross-service `vim_service_*`)
+and tells systemd READY=1 once its read model has caught up and it campaigns,
+then WATCHDOG=1 from its event loop (`vim.sdnotify`).
+
 The credentials file (YAML or JSON) maps hostnames to BMC logins, with an
 optional `default`; it is the only place they live (never the event log):
 
@@ -38,12 +44,14 @@ import yaml
 
 from ha.election import Elector, EtcdElector, Leadership, LocalElector
 from ha.fencing import Credentials
+from vim import telemetry
 from vim.domain import evacuation as ev
 from vim.eventlog.sql import SqlEventLog
 from vim.eventlog.store import EventLog
 from vim.faultd.liveness import EtcdLiveness, LivenessSource, LocalLiveness
-from vim.faultd.service import ROLE, CompanionFactory, FaultdConfig, FaultManager
+from vim.faultd.service import ROLE, STATS_HELP, CompanionFactory, FaultdConfig, FaultManager
 from vim.projections.readmodel import Projector, ReadModel
+from vim.sdnotify import Notifier, keep_pinging
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +136,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--name", default="")
     p.add_argument("--log-level", default=env("VIM_LOG_LEVEL", "INFO"))
-    return p.parse_args(argv)
+    telemetry.add_metrics_arguments(p)
+    a = p.parse_args(argv)
+    a.metrics_listen = telemetry.metrics_listen(p, a.metrics_listen)
+    return a
 
 
 def alarm_companion() -> CompanionFactory | None:
@@ -150,8 +161,12 @@ async def serve(
     liveness: LivenessSource,
     config: FaultdConfig,
     credentials_file: str,
+    *,
+    metrics: telemetry.ServiceMetrics | None = None,
+    notifier: Notifier | None = None,
 ) -> None:
     """Open the log, follow it into a read model, and manage faults until cancelled."""
+    notifier = notifier or Notifier.from_env()
     event_log = await SqlEventLog.open(url)
     projector = Projector(event_log)
     companions: list[CompanionFactory] = []
@@ -167,11 +182,20 @@ async def serve(
         config=config,
         companions=companions,
     )
+    if metrics is not None:
+        metrics.track_stats(manager.stats, descriptions=STATS_HELP)
+    pings: asyncio.Task[None] | None = None
     try:
         await projector.catch_up()
         projector.start()
+        tick = telemetry.leader_tick(metrics, elector)
+        pings = asyncio.create_task(keep_pinging(notifier, tick=tick))
+        notifier.ready(f"campaigning as {config.name}")
         await manager.run()
     finally:
+        notifier.stopping()
+        if pings is not None:
+            pings.cancel()
         await manager.stop()
         await projector.stop()
         await liveness.close()
@@ -189,7 +213,7 @@ def _bind(factory: Any, event_log: EventLog, model: ReadModel) -> CompanionFacto
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `vim-faultd`."""
     a = _parse(argv)
-    logging.basicConfig(level=a.log_level.upper())
+    telemetry.configure_logging(a.log_level)
     endpoints = [e.strip() for e in a.etcd.split(",") if e.strip()]
     base = FaultdConfig()
     config = FaultdConfig(
@@ -213,5 +237,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         elector = LocalElector(ROLE, config.name)
         liveness = LocalLiveness()
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(a.eventlog_url, elector, liveness, config, a.credentials_file))
+    metrics = telemetry.ServiceMetrics(ROLE) if a.metrics_listen else None
+    endpoint = metrics.serve(a.metrics_listen, a.metrics_port_file) if metrics else None
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(
+                serve(
+                    a.eventlog_url, elector, liveness, config, a.credentials_file, metrics=metrics
+                )
+            )
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -25,6 +25,12 @@ leader is refused by the log (`FencedOut`). While leading it:
      assigned to the FENCED host, highest priority first, goes back to BUILDING
      with its identity intact (`ServerEvacuationRequested`, with the release of
      its claim), and the scheduler places it like any other;
+   - *on an operator's request* (`HostEvacuationRequested`, `vimctl host
+     evacuate`): a host whose lease is not seen is suspected at once and goes
+     through the same detect and fence steps, then is evacuated even under
+     policy none; the request ends with `HostEvacuationEnded` (DONE when no
+     server is left on the fenced host, DECLINED when its agent is alive and the
+     host has not failed: a live host is never fenced on request);
    - *rejoin*: when the lease comes back after a fence, `HostRecovered`, and UP
      unless the host is flapping (`FlapPolicy`), in which case it is held FENCED;
 3. records `ServerRecoveryFailed` for an evacuated server the scheduler could
@@ -113,6 +119,8 @@ class FaultdConfig:
 
 @dataclass(slots=True)
 class Stats:
+    """Counters for this process (`vim_faultd_<field>_total`, see STATS_HELP)."""
+
     detected: int = 0
     fenced: int = 0
     fence_failed: int = 0
@@ -122,6 +130,19 @@ class Stats:
     held: int = 0
     migrations: int = 0
     conflicts: int = 0
+
+
+STATS_HELP = {
+    "detected": "Host failures detected (HostFailureDetected recorded) by this process",
+    "fenced": "Host fences confirmed by this process",
+    "fence_failed": "Fence attempts that failed (retried)",
+    "evacuated": "Servers sent back to BUILDING off a fenced host",
+    "recovery_failed": "Evacuated servers the scheduler could not place",
+    "rejoined": "Fenced hosts back UP after their lease returned",
+    "held": "Hosts whose lease returned but that stay FENCED (flapping)",
+    "migrations": "Maintenance migrations requested",
+    "conflicts": "Appends refused by a version check (another writer moved first)",
+}
 
 
 class Companion(Protocol):
@@ -320,6 +341,8 @@ class FaultManager:
         return (entry.version, self.alive(hostname))
 
     def _needs_work(self, h: host.Host) -> bool:
+        if h.evacuation_requested and h.state in ev.WATCHED:
+            return True  # declined if its agent is alive, else suspected at once
         if h.state is host.HostState.MAINTENANCE and self.alive(h.hostname):
             return True
         if h.state in ev.WATCHED:
@@ -331,11 +354,15 @@ class FaultManager:
         term, the later of the term's start and its registration, once the grace passed."""
         if hostname in self._lost_at:
             return self._lost_at[hostname]
+        entry = self._model.get(host.stream(hostname))
+        if entry is not None and entry.state.evacuation_requested:
+            # An operator says the host is gone and no lease is seen: suspected now
+            # (never earlier than the real loss, so a self-fence wait is not cut short).
+            return self._clock()
         grace = self.config.unleased_grace_s
         if grace is None:
             return None
         since = self._term_started
-        entry = self._model.get(host.stream(hostname))
         if entry is not None and entry.state.registered_at:
             with contextlib.suppress(ValueError):
                 since = max(since, ev.parse_time(entry.state.registered_at))
@@ -368,6 +395,11 @@ class FaultManager:
             return False
         h: host.Host = entry.state
         alive = self.alive(hostname)
+        if alive and h.evacuation_requested and h.state in ev.WATCHED:
+            declined = ev.evacuation_declined(h, self._now())
+            if await self._append({host.stream(hostname): (entry.version, declined)}):
+                log.warning("evacuation of %s declined: its agent is alive", hostname)
+            return True
         if h.state is host.HostState.MAINTENANCE and alive:
             return await self._drain(h, entry.version)
         if h.state in ev.WATCHED:
@@ -377,8 +409,10 @@ class FaultManager:
             return await self._detect(h, entry.version, since)
         fault = await self._fault(hostname)
         if alive and h.state in (host.HostState.FAILED, host.HostState.FENCED):
-            if h.state is host.HostState.FENCED and self._evacuable(h):
-                return await self._evacuate(h)
+            if h.state is host.HostState.FENCED:
+                recovered = await self._recover(h, entry.version)
+                if recovered is not None:
+                    return recovered
             rejoin = ev.lease_returned(h, fault, self._clock(), self.config.flap, self._now())
             if rejoin.events:
                 if await self._append({host.stream(hostname): (entry.version, rejoin.events)}):
@@ -390,8 +424,8 @@ class FaultManager:
                 return False
         if h.state is host.HostState.FAILED:
             return await self._fence(h, entry.version, fault)
-        if h.state is host.HostState.FENCED and self._evacuable(h):
-            return await self._evacuate(h)
+        if h.state is host.HostState.FENCED:
+            return bool(await self._recover(h, entry.version))
         return False
 
     # -- detect ------------------------------------------------------------------------
@@ -409,6 +443,9 @@ class FaultManager:
                 answers = False
             word = "answers" if answers else "does not answer"
             detail = f"lease lost; out-of-band endpoint {word} ({driver.method})"
+        if h.evacuation_requested and h.hostname not in self._lost_at:
+            why = f" ({h.evacuation_reason})" if h.evacuation_reason else ""
+            detail = f"evacuation requested by an operator{why}, no lease seen; {detail}"
         kind = ev.classify(answers)
         events = ev.detect(h, kind, detail, rfc3339(since), self._now())
         if not events:
@@ -494,7 +531,19 @@ class FaultManager:
 
     def _evacuable(self, h: host.Host) -> bool:
         policy = self.config.policy(h.spec.zone)
-        return policy.policy is not ev.RecoveryPolicy.NONE and bool(self._servers_on(h))
+        return ev.must_evacuate(h, policy) and bool(self._servers_on(h))
+
+    async def _recover(self, h: host.Host, version: int) -> bool | None:
+        """A FENCED host: evacuate its servers, then end an operator's request (DONE);
+        None when there is neither to do."""
+        if self._evacuable(h):
+            return await self._evacuate(h)
+        done = ev.evacuation_done(h, (s for s, _ in self._servers_on(h)), self._now())
+        if not done:
+            return None
+        if await self._append({host.stream(h.hostname): (version, done)}):
+            log.info("evacuation of %s requested by an operator is done", h.hostname)
+        return True
 
     async def _evacuate(self, h: host.Host) -> bool:
         policy = self.config.policy(h.spec.zone)
@@ -506,6 +555,9 @@ class FaultManager:
         versions = {s.server_id: v for s, v in self._servers_on(h)}
         order = ev.to_evacuate(h, (s for s, _ in self._servers_on(h)))
         reason = f"host {h.hostname} failed and was fenced"
+        if h.evacuation_requested:
+            why = f": {h.evacuation_reason}" if h.evacuation_reason else ""
+            reason = f"evacuation of {h.hostname} requested by an operator{why}"
         for i, s in enumerate(order):
             if not self._acting():
                 return False

@@ -59,6 +59,9 @@ class ReadModel:
         """Events that could not be folded (malformed data, a bug in an evolve)."""
         self.request_ids: set[str] = set()
         """Request ids of every applied append: a command whose id is here was done."""
+        self.correlations: dict[str, str] = {}
+        """Per stream, the correlation id of the last event that carried one (the
+        request that last touched it; the agents log it with what they do)."""
 
     def apply(self, e: RecordedEvent) -> None:
         """Fold one event; events must come in position order, each exactly once."""
@@ -67,6 +70,8 @@ class ReadModel:
         self.position = e.position
         if e.metadata.request_id:
             self.request_ids.add(e.metadata.request_id)
+        if e.metadata.correlation_id:
+            self.correlations[e.stream_id] = e.metadata.correlation_id
         kind = e.stream_kind
         evolve = _KINDS.get(kind)
         if evolve is None:
@@ -147,6 +152,7 @@ class ReadModel:
         self._entries = other._entries
         self._by_kind = other._by_kind
         self.request_ids = other.request_ids
+        self.correlations = other.correlations
         self.advanced()
 
 

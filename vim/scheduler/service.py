@@ -15,6 +15,13 @@ Loop (leader-only; see docs/SCHEDULER.md):
    sleep; bounded by `idle_wait_s` so the term is re-checked);
 4. on `FencedOut` or a lost term, stop acting, resign, and campaign again.
 
+The console script (`main`) logs JSON lines (`vim.telemetry.configure_logging`),
+serves Prometheus metrics on `--metrics-listen` (`vim_scheduler_*` from `Stats`,
+`vim_scheduler_is_leader`, `vim_scheduler_term`, `vim_scheduler_build_info` and
+the cross-service `vim_service_*`), and tells systemd READY=1 once its read model
+has caught up and it campaigns, then WATCHDOG=1 from its event loop
+(`vim.sdnotify`).
+
 With no elector (tests, or an operator who runs exactly one scheduler) the
 service acts at once with `static_token` (None: no fencing metadata). Safety
 never depends on there being one leader: the versions checked by every append
@@ -36,6 +43,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar, cast
 
 from ha.election import Elector, EtcdElector, LocalElector
+from vim import telemetry
 from vim.domain.reservation import rfc3339
 from vim.errors import FencedOut, Unavailable
 from vim.eventlog.model import AppendRequest, AppendResult, Metadata
@@ -45,6 +53,7 @@ from vim.projections.readmodel import Projector, ReadModel
 from vim.scheduler.applying import Applied, Applier
 from vim.scheduler.planner import Planner, Snapshot
 from vim.scheduler.weighers import Strategy
+from vim.sdnotify import Notifier, keep_pinging
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +76,7 @@ class SchedulerConfig:
 
 @dataclass(slots=True)
 class Stats:
-    """Counters for this process (exported as metrics by a later issue)."""
+    """Counters for this process (`vim_scheduler_<field>_total`, see STATS_HELP)."""
 
     rounds: int = 0
     placed: int = 0
@@ -76,6 +85,17 @@ class Stats:
     stale: int = 0
     replans: int = 0
     fenced: int = 0
+
+
+STATS_HELP = {
+    "rounds": "Scheduling rounds run while leading",
+    "placed": "Servers placed by this process",
+    "failed": "Servers this process could not place (no valid host)",
+    "conflicts": "Placements refused by a version check (another writer moved first)",
+    "stale": "Placements dropped because the server changed before they were applied",
+    "replans": "Requests planned again after a conflict",
+    "fenced": "Terms this process ended because the log refused its fencing token",
+}
 
 
 def _utc_now() -> datetime:
@@ -93,8 +113,10 @@ class SchedulerService:
         elector: Elector | None = None,
         config: SchedulerConfig | None = None,
         clock: Callable[[], datetime] = _utc_now,
+        metrics: telemetry.ServiceMetrics | None = None,
     ) -> None:
         self._log = log
+        self._metrics = metrics
         self._model = model
         self._elector = elector
         self.config = config or SchedulerConfig()
@@ -119,6 +141,8 @@ class SchedulerService:
                 await self._lead(leadership.token)
             except FencedOut as exc:
                 self.stats.fenced += 1
+                if self._metrics is not None:
+                    self._metrics.fenced_write()
                 log.warning("scheduler fenced out, stepping down: %s", exc)
             await self._elector.resign()
 
@@ -184,6 +208,15 @@ class SchedulerService:
         self.stats.failed += len(done.failed)
         self.stats.conflicts += done.conflicts
         self.stats.stale += done.stale
+        if self._metrics is not None:
+            for outcome, amount in (
+                ("ok", len(done.placed)),
+                ("failed", len(done.failed)),
+                ("conflict", done.conflicts),
+                ("stale", done.stale),
+            ):
+                if amount:
+                    self._metrics.action("place", outcome, amount)
         if done.position:
             # Read our own writes before planning again, or the next plan is stale.
             with contextlib.suppress(Unavailable):
@@ -246,7 +279,10 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="leader lease TTL in seconds (env VIM_SCHEDULER_LEASE_TTL)",
     )
     p.add_argument("--log-level", default=env("VIM_LOG_LEVEL", "INFO"))
-    return p.parse_args(argv)
+    telemetry.add_metrics_arguments(p)
+    a = p.parse_args(argv)
+    a.metrics_listen = telemetry.metrics_listen(p, a.metrics_listen)
+    return a
 
 
 class _DelayedAppends:
@@ -275,18 +311,37 @@ class _DelayedAppends:
         return getattr(self._log, name)
 
 
-async def serve(url: str, elector: Elector, config: SchedulerConfig) -> None:
+async def serve(
+    url: str,
+    elector: Elector,
+    config: SchedulerConfig,
+    *,
+    metrics: telemetry.ServiceMetrics | None = None,
+    notifier: Notifier | None = None,
+) -> None:
     """Open the log, follow it into a read model, and schedule until cancelled."""
+    notifier = notifier or Notifier.from_env()
     event_log = await SqlEventLog.open(url)
     projector = Projector(event_log)
     delay = float(os.environ.get("VIM_SCHEDULER_FAULT_APPEND_DELAY_S") or 0)
     writes = cast(EventLog, _DelayedAppends(event_log, delay)) if delay > 0 else event_log
-    service = SchedulerService(writes, projector.model, elector=elector, config=config)
+    service = SchedulerService(
+        writes, projector.model, elector=elector, config=config, metrics=metrics
+    )
+    if metrics is not None:
+        metrics.track_stats(service.stats, descriptions=STATS_HELP)
+    pings: asyncio.Task[None] | None = None
     try:
         await projector.catch_up()
         projector.start()
+        tick = telemetry.leader_tick(metrics, elector)
+        pings = asyncio.create_task(keep_pinging(notifier, tick=tick))
+        notifier.ready(f"campaigning as {config.name}")
         await service.run()
     finally:
+        notifier.stopping()
+        if pings is not None:
+            pings.cancel()
         await service.stop()
         await projector.stop()
         await elector.close()
@@ -296,7 +351,7 @@ async def serve(url: str, elector: Elector, config: SchedulerConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `vim-scheduler`."""
     a = _parse(argv)
-    logging.basicConfig(level=a.log_level.upper())
+    telemetry.configure_logging(a.log_level)
     config = SchedulerConfig(strategy=Strategy(a.strategy))
     endpoints = [e.strip() for e in a.etcd.split(",") if e.strip()]
     elector: Elector = (
@@ -304,5 +359,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if endpoints
         else LocalElector(ROLE, config.name)
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(a.eventlog_url, elector, config))
+    metrics = telemetry.ServiceMetrics(ROLE) if a.metrics_listen else None
+    endpoint = metrics.serve(a.metrics_listen, a.metrics_port_file) if metrics else None
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(a.eventlog_url, elector, config, metrics=metrics))
+    finally:
+        if endpoint is not None:
+            endpoint.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -18,6 +18,12 @@ Loop (master only; see docs/SDN.md):
    (a notification, bounded by `idle_wait_s` so the term is re-checked);
 4. on `FencedOut` or a lost term, stop acting, resign, and campaign again.
 
+The console script (`main`) logs JSON lines, serves Prometheus metrics on
+`--metrics-listen` (`vim_sdn_*` from `Stats`, `vim_sdn_is_leader`, `vim_sdn_term`,
+`vim_sdn_build_info`, the cross-service `vim_service_*`) and tells systemd
+READY=1 once its read model has caught up and it campaigns, then WATCHDOG=1
+from its event loop (`vim.sdnotify`).
+
 Safety does not rest on the election. Each plan append expects the version the
 plan was computed against, so two masters at once cannot interleave stale plans
 (the loser gets `VersionConflict`, catches up and recomputes), and because the
@@ -38,12 +44,14 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ha.election import Elector, EtcdElector, LocalElector
+from vim import telemetry
 from vim.domain import host, netplan, network, server
 from vim.errors import EventLogUnavailable, FencedOut, Unavailable, VersionConflict
 from vim.eventlog.model import AppendRequest, Metadata, NewEvent, StreamAppend
 from vim.eventlog.sql import SqlEventLog
 from vim.eventlog.store import EventLog
 from vim.projections.readmodel import Projector, ReadModel, register_kind
+from vim.sdnotify import Notifier, keep_pinging
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +81,7 @@ class SdnConfig:
 
 @dataclass(slots=True)
 class Stats:
-    """Counters for this process (exported as metrics by a later issue)."""
+    """Counters for this process (`vim_sdn_<field>_total`, see STATS_HELP)."""
 
     rounds: int = 0
     written: int = 0
@@ -85,6 +93,18 @@ class Stats:
     terms: int = 0
     segment_clashes: int = 0
     """Live networks sharing a segmentation id in one pool, at the last round (must be 0)."""
+
+
+STATS_HELP = {
+    "rounds": "Planning rounds run while master",
+    "written": "Host network plans appended by this process",
+    "conflicts": "Plan appends refused by a version check",
+    "unknown": "Plan appends whose outcome is unknown (the database went away mid-commit)",
+    "fenced": "Terms this process ended because the log refused its fencing token",
+    "terms": "Terms this process won",
+    "segment_clashes": "Live networks sharing a segmentation id in one pool (must be 0)",
+}
+STATS_GAUGES = ("segment_clashes",)
 
 
 def desired_plans(model: ReadModel) -> dict[str, netplan.HostPlan]:
@@ -115,8 +135,10 @@ class SdnService:
         *,
         elector: Elector | None = None,
         config: SdnConfig | None = None,
+        metrics: telemetry.ServiceMetrics | None = None,
     ) -> None:
         self._log = log
+        self._metrics = metrics
         self._model = model
         self._elector = elector
         self.config = config or SdnConfig()
@@ -142,6 +164,8 @@ class SdnService:
                 await self._lead(leadership.token)
             except FencedOut as exc:
                 self.stats.fenced += 1
+                if self._metrics is not None:
+                    self._metrics.fenced_write()
                 log.warning("sdn master fenced out, stepping down: %s", exc)
             await self._elector.resign()
 
@@ -215,6 +239,7 @@ class SdnService:
             result = await self._log.append(request)
         except VersionConflict as conflict:
             self.stats.conflicts += 1
+            self._action("conflict")
             with contextlib.suppress(Unavailable):
                 await self._model.wait_for_version(sid, conflict.actual, within_s=CATCH_UP_S)
             return 0
@@ -222,10 +247,16 @@ class SdnService:
             # Outcome unknown: the next round reads whether it landed; a repeat
             # expects the same version, so it can never land twice.
             self.stats.unknown += 1
+            self._action("unknown")
             log.warning("plan append for %s: outcome unknown; recomputing", hostname)
             return 0
         self.stats.written += 1
+        self._action("ok")
         return result.last_position
+
+    def _action(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.action("plan", outcome)
 
     def _check_segments(self) -> None:
         nets = (e.state for _, e in self._model.of_kind(network.KIND))
@@ -293,19 +324,41 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--name", default="", help="candidate name (default host:pid)")
     p.add_argument("--log-level", default=env("VIM_LOG_LEVEL", "INFO"))
-    return p.parse_args(argv)
+    telemetry.add_metrics_arguments(p)
+    a = p.parse_args(argv)
+    a.metrics_listen = telemetry.metrics_listen(p, a.metrics_listen)
+    return a
 
 
-async def serve(url: str, elector: Elector, config: SdnConfig) -> None:
+async def serve(
+    url: str,
+    elector: Elector,
+    config: SdnConfig,
+    *,
+    metrics: telemetry.ServiceMetrics | None = None,
+    notifier: Notifier | None = None,
+) -> None:
     """Open the log, follow it into a read model, and plan until cancelled."""
+    notifier = notifier or Notifier.from_env()
     event_log = await SqlEventLog.open(url)
     projector = Projector(event_log)
-    service = SdnService(event_log, projector.model, elector=elector, config=config)
+    service = SdnService(
+        event_log, projector.model, elector=elector, config=config, metrics=metrics
+    )
+    if metrics is not None:
+        metrics.track_stats(service.stats, descriptions=STATS_HELP, gauges=STATS_GAUGES)
+    pings: asyncio.Task[None] | None = None
     try:
         await projector.catch_up()
         projector.start()
+        tick = telemetry.leader_tick(metrics, elector)
+        pings = asyncio.create_task(keep_pinging(notifier, tick=tick))
+        notifier.ready(f"campaigning as {config.name}")
         await service.run()
     finally:
+        notifier.stopping()
+        if pings is not None:
+            pings.cancel()
         await service.stop()
         await projector.stop()
         await elector.close()
@@ -315,9 +368,7 @@ async def serve(url: str, elector: Elector, config: SdnConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `vim-sdn`."""
     a = _parse(argv)
-    logging.basicConfig(
-        level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    telemetry.configure_logging(a.log_level)
     config = SdnConfig(name=a.name) if a.name else SdnConfig()
     endpoints = [e.strip() for e in a.etcd.split(",") if e.strip()]
     elector: Elector = (
@@ -325,8 +376,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         if endpoints
         else LocalElector(ROLE, config.name)
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve(a.eventlog_url, elector, config))
+    metrics = telemetry.ServiceMetrics(ROLE) if a.metrics_listen else None
+    endpoint = metrics.serve(a.metrics_listen, a.metrics_port_file) if metrics else None
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve(a.eventlog_url, elector, config, metrics=metrics))
+    finally:
+        if endpoint is not None:
+            endpoint.close()
 
 
 if __name__ == "__main__":

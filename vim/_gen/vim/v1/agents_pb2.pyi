@@ -28,6 +28,30 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _MigrationRole:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _MigrationRoleEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_MigrationRole.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    MIGRATION_ROLE_UNSPECIFIED: _MigrationRole.ValueType  # 0
+    """MIGRATION_ROLE_UNSPECIFIED: no migration of the server is in progress."""
+    MIGRATION_ROLE_SOURCE: _MigrationRole.ValueType  # 1
+    """MIGRATION_ROLE_SOURCE: the server's current host, which must let it go."""
+    MIGRATION_ROLE_TARGET: _MigrationRole.ValueType  # 2
+    """MIGRATION_ROLE_TARGET: the destination, which starts it once released."""
+
+class MigrationRole(_MigrationRole, metaclass=_MigrationRoleEnumTypeWrapper):
+    """MigrationRole is a host's part in a migration (a hand-off between two agents)."""
+
+MIGRATION_ROLE_UNSPECIFIED: MigrationRole.ValueType  # 0
+"""MIGRATION_ROLE_UNSPECIFIED: no migration of the server is in progress."""
+MIGRATION_ROLE_SOURCE: MigrationRole.ValueType  # 1
+"""MIGRATION_ROLE_SOURCE: the server's current host, which must let it go."""
+MIGRATION_ROLE_TARGET: MigrationRole.ValueType  # 2
+"""MIGRATION_ROLE_TARGET: the destination, which starts it once released."""
+Global___MigrationRole: _TypeAlias = MigrationRole  # noqa: Y015
+
 class _ServerFaultKind:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -213,6 +237,9 @@ class DesiredServer(_message.Message):
     POWER_STATE_FIELD_NUMBER: _builtins.int
     TASK_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    MIGRATION_ROLE_FIELD_NUMBER: _builtins.int
+    MAY_START_FIELD_NUMBER: _builtins.int
+    CORRELATION_ID_FIELD_NUMBER: _builtins.int
     server_id: _builtins.str
     name: _builtins.str
     tenant_id: _builtins.str
@@ -228,6 +255,20 @@ class DesiredServer(_message.Message):
     """
     power_state: _compute_pb2.PowerState.ValueType
     task: _builtins.str
+    migration_role: Global___MigrationRole.ValueType
+    """migration_role: this host's part in a migration of the server in progress."""
+    may_start: _builtins.bool
+    """may_start: whether this host may define and start the server. False on a
+    migration's source (it stops and removes its copy, then reports
+    ReportMigrationSourceReleased) and on its target until the source has
+    released it.
+    """
+    correlation_id: _builtins.str
+    """correlation_id: the correlation id of the last request that touched the
+    server and carried one (the caller's x-correlation-id, else its request
+    id); empty if none did. The agent logs it with what it does to the
+    server, so one id follows a request from the API to the host.
+    """
     @_builtins.property
     def flavour(self) -> _compute_pb2.ServerFlavour:
         """flavour is the server's copy of its flavour (taken at allocation)."""
@@ -251,10 +292,13 @@ class DesiredServer(_message.Message):
         power_state: _compute_pb2.PowerState.ValueType = ...,
         task: _builtins.str = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        migration_role: Global___MigrationRole.ValueType = ...,
+        may_start: _builtins.bool = ...,
+        correlation_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["flavour", b"flavour"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["desired_power_state", b"desired_power_state", "flavour", b"flavour", "image_id", b"image_id", "metadata", b"metadata", "name", b"name", "nics", b"nics", "power_state", b"power_state", "server_id", b"server_id", "state", b"state", "task", b"task", "tenant_id", b"tenant_id", "watchdog", b"watchdog"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["correlation_id", b"correlation_id", "desired_power_state", b"desired_power_state", "flavour", b"flavour", "image_id", b"image_id", "may_start", b"may_start", "metadata", b"metadata", "migration_role", b"migration_role", "name", b"name", "nics", b"nics", "power_state", b"power_state", "server_id", b"server_id", "state", b"state", "task", b"task", "tenant_id", b"tenant_id", "watchdog", b"watchdog"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -468,6 +512,35 @@ class ReportServerStateRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ReportServerStateRequest: _TypeAlias = ReportServerStateRequest  # noqa: Y015
+
+@_typing.final
+class ReportMigrationSourceReleasedRequest(_message.Message):
+    """ReportMigrationSourceReleasedRequest says the caller's copy of a migrating
+    server is stopped and removed.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    SERVER_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    hostname: _builtins.str
+    server_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        server_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "request_id", b"request_id", "server_id", b"server_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportMigrationSourceReleasedRequest: _TypeAlias = ReportMigrationSourceReleasedRequest  # noqa: Y015
 
 @_typing.final
 class ReportServerFaultRequest(_message.Message):

@@ -56,6 +56,11 @@ class AgentsStub:
                 request_serializer=vim_dot_v1_dot_agents__pb2.ReportServerStateRequest.SerializeToString,
                 response_deserializer=vim_dot_v1_dot_agents__pb2.ReportAck.FromString,
                 _registered_method=True)
+        self.ReportMigrationSourceReleased = channel.unary_unary(
+                '/vim.v1.Agents/ReportMigrationSourceReleased',
+                request_serializer=vim_dot_v1_dot_agents__pb2.ReportMigrationSourceReleasedRequest.SerializeToString,
+                response_deserializer=vim_dot_v1_dot_agents__pb2.ReportAck.FromString,
+                _registered_method=True)
         self.ReportServerFault = channel.unary_unary(
                 '/vim.v1.Agents/ReportServerFault',
                 request_serializer=vim_dot_v1_dot_agents__pb2.ReportServerFaultRequest.SerializeToString,
@@ -111,6 +116,17 @@ class AgentsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportMigrationSourceReleased(self, request, context):
+        """ReportMigrationSourceReleased records that the caller, the source host of
+        a migration in progress, stopped and removed its copy of the server: only
+        then may the target host start it (a server never runs on two hosts). Only
+        the source host may call it (PERMISSION_DENIED otherwise); a repeat records
+        nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportServerFault(self, request, context):
         """ReportServerFault records a guest watchdog firing or an unexpected stop.
         """
@@ -155,6 +171,11 @@ def add_AgentsServicer_to_server(servicer, server):
             'ReportServerState': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportServerState,
                     request_deserializer=vim_dot_v1_dot_agents__pb2.ReportServerStateRequest.FromString,
+                    response_serializer=vim_dot_v1_dot_agents__pb2.ReportAck.SerializeToString,
+            ),
+            'ReportMigrationSourceReleased': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportMigrationSourceReleased,
+                    request_deserializer=vim_dot_v1_dot_agents__pb2.ReportMigrationSourceReleasedRequest.FromString,
                     response_serializer=vim_dot_v1_dot_agents__pb2.ReportAck.SerializeToString,
             ),
             'ReportServerFault': grpc.unary_unary_rpc_method_handler(
@@ -281,6 +302,33 @@ class Agents:
             target,
             '/vim.v1.Agents/ReportServerState',
             vim_dot_v1_dot_agents__pb2.ReportServerStateRequest.SerializeToString,
+            vim_dot_v1_dot_agents__pb2.ReportAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportMigrationSourceReleased(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vim.v1.Agents/ReportMigrationSourceReleased',
+            vim_dot_v1_dot_agents__pb2.ReportMigrationSourceReleasedRequest.SerializeToString,
             vim_dot_v1_dot_agents__pb2.ReportAck.FromString,
             options,
             channel_credentials,

@@ -59,6 +59,13 @@ class AgentsStub:
     it ends the server's task in progress. A repeat of an unchanged
     observation appends nothing.
     """
+    ReportMigrationSourceReleased: _grpc.UnaryUnaryMultiCallable[_agents_pb2.ReportMigrationSourceReleasedRequest, _agents_pb2.ReportAck]
+    """ReportMigrationSourceReleased records that the caller, the source host of
+    a migration in progress, stopped and removed its copy of the server: only
+    then may the target host start it (a server never runs on two hosts). Only
+    the source host may call it (PERMISSION_DENIED otherwise); a repeat records
+    nothing.
+    """
     ReportServerFault: _grpc.UnaryUnaryMultiCallable[_agents_pb2.ReportServerFaultRequest, _agents_pb2.ReportAck]
     """ReportServerFault records a guest watchdog firing or an unexpected stop."""
     ReportHostFault: _grpc.UnaryUnaryMultiCallable[_agents_pb2.ReportHostFaultRequest, _agents_pb2.ReportAck]
@@ -92,6 +99,13 @@ class AgentsAsyncStub(AgentsStub):
     """ReportServerState records what the agent observed for one of its servers;
     it ends the server's task in progress. A repeat of an unchanged
     observation appends nothing.
+    """
+    ReportMigrationSourceReleased: _aio.UnaryUnaryMultiCallable[_agents_pb2.ReportMigrationSourceReleasedRequest, _agents_pb2.ReportAck]  # type: ignore[assignment]
+    """ReportMigrationSourceReleased records that the caller, the source host of
+    a migration in progress, stopped and removed its copy of the server: only
+    then may the target host start it (a server never runs on two hosts). Only
+    the source host may call it (PERMISSION_DENIED otherwise); a repeat records
+    nothing.
     """
     ReportServerFault: _aio.UnaryUnaryMultiCallable[_agents_pb2.ReportServerFaultRequest, _agents_pb2.ReportAck]  # type: ignore[assignment]
     """ReportServerFault records a guest watchdog firing or an unexpected stop."""
@@ -147,6 +161,19 @@ class AgentsServicer(metaclass=_abc_1.ABCMeta):
         """ReportServerState records what the agent observed for one of its servers;
         it ends the server's task in progress. A repeat of an unchanged
         observation appends nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportMigrationSourceReleased(
+        self,
+        request: _agents_pb2.ReportMigrationSourceReleasedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agents_pb2.ReportAck, _abc.Awaitable[_agents_pb2.ReportAck]]:
+        """ReportMigrationSourceReleased records that the caller, the source host of
+        a migration in progress, stopped and removed its copy of the server: only
+        then may the target host start it (a server never runs on two hosts). Only
+        the source host may call it (PERMISSION_DENIED otherwise); a repeat records
+        nothing.
         """
 
     @_abc_1.abstractmethod

@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from vim._gen.vim.v1 import common_pb2 as vim_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12vim/v1/hosts.proto\x12\x06vim.v1\x1a\x13vim/v1/common.proto\"T\n\x0f\x43\x61pacityAmounts\x12\r\n\x05vcpus\x18\x01 \x01(\x04\x12\x0e\n\x06ram_mb\x18\x02 \x01(\x04\x12\x0f\n\x07\x64isk_gb\x18\x03 \x01(\x04\x12\x11\n\tinstances\x18\x04 \x01(\x04\"\xb8\x01\n\x10ResourceCapacity\x12&\n\x05total\x18\x01 \x01(\x0b\x32\x17.vim.v1.CapacityAmounts\x12%\n\x04used\x18\x02 \x01(\x0b\x32\x17.vim.v1.CapacityAmounts\x12)\n\x08reserved\x18\x03 \x01(\x0b\x32\x17.vim.v1.CapacityAmounts\x12*\n\tavailable\x18\x04 \x01(\x0b\x32\x17.vim.v1.CapacityAmounts\":\n\x10\x41llocationRatios\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x0b\n\x03ram\x18\x02 \x01(\x01\x12\x0c\n\x04\x64isk\x18\x03 \x01(\x01\"\xcf\x03\n\x04Host\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12 \n\x05state\x18\x03 \x01(\x0e\x32\x11.vim.v1.HostState\x12\"\n\x06health\x18\x04 \x01(\x0e\x32\x12.vim.v1.HostHealth\x12\x16\n\x0ehealth_reasons\x18\x05 \x03(\t\x12\x13\n\x0bmaintenance\x18\x06 \x01(\x08\x12\x1a\n\x12maintenance_reason\x18\x07 \x01(\t\x12)\n\x08physical\x18\x08 \x01(\x0b\x32\x17.vim.v1.CapacityAmounts\x12\x33\n\x11\x61llocation_ratios\x18\t \x01(\x0b\x32\x18.vim.v1.AllocationRatios\x12/\n\x0fhypervisor_type\x18\n \x01(\x0e\x32\x16.vim.v1.HypervisorType\x12\x1a\n\x12management_address\x18\x0b \x01(\t\x12\x14\n\x0c\x62mc_endpoint\x18\x0c \x01(\t\x12*\n\x08\x63\x61pacity\x18\r \x01(\x0b\x32\x18.vim.v1.ResourceCapacity\x12\x15\n\rregistered_at\x18\x0e \x01(\t\x12\x12\n\nupdated_at\x18\x0f \x01(\t\"\xa9\x03\n\x13RegisterHostRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\r\n\x05vcpus\x18\x04 \x01(\x03\x12\x0e\n\x06ram_mb\x18\x05 \x01(\x03\x12\x0f\n\x07\x64isk_gb\x18\x06 \x01(\x03\x12!\n\x14\x63pu_allocation_ratio\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12!\n\x14ram_allocation_ratio\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\"\n\x15\x64isk_allocation_ratio\x18\t \x01(\x01H\x02\x88\x01\x01\x12/\n\x0fhypervisor_type\x18\n \x01(\x0e\x32\x16.vim.v1.HypervisorType\x12\x1a\n\x12management_address\x18\x0b \x01(\t\x12\x14\n\x0c\x62mc_endpoint\x18\x0c \x01(\t\x12\x15\n\rmax_instances\x18\r \x01(\rB\x17\n\x15_cpu_allocation_ratioB\x17\n\x15_ram_allocation_ratioB\x18\n\x16_disk_allocation_ratio\"\"\n\x0eGetHostRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\"e\n\x10ListHostsRequest\x12!\n\x04page\x18\x01 \x01(\x0b\x32\x13.vim.v1.PageRequest\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12 \n\x05state\x18\x03 \x01(\x0e\x32\x11.vim.v1.HostState\"T\n\x11ListHostsResponse\x12\x1b\n\x05hosts\x18\x01 \x03(\x0b\x32\x0c.vim.v1.Host\x12\"\n\x04page\x18\x02 \x01(\x0b\x32\x14.vim.v1.PageResponse\"P\n\x18\x45nableMaintenanceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"A\n\x19\x44isableMaintenanceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\"\x12\n\x10ListZonesRequest\"{\n\x10\x41vailabilityZone\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nhost_count\x18\x02 \x01(\r\x12\x19\n\x11schedulable_hosts\x18\x03 \x01(\r\x12*\n\x08\x63\x61pacity\x18\x04 \x01(\x0b\x32\x18.vim.v1.ResourceCapacity\"<\n\x11ListZonesResponse\x12\'\n\x05zones\x18\x01 \x03(\x0b\x32\x18.vim.v1.AvailabilityZone\"\"\n\x12GetCapacityRequest\x12\x0c\n\x04zone\x18\x01 \x01(\t\"|\n\x0cHostCapacity\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12 \n\x05state\x18\x03 \x01(\x0e\x32\x11.vim.v1.HostState\x12*\n\x08\x63\x61pacity\x18\x04 \x01(\x0b\x32\x18.vim.v1.ResourceCapacity\"^\n\x0e\x43\x61pacityReport\x12\'\n\x05zones\x18\x01 \x03(\x0b\x32\x18.vim.v1.AvailabilityZone\x12#\n\x05hosts\x18\x02 \x03(\x0b\x32\x14.vim.v1.HostCapacity*\x99\x01\n\tHostState\x12\x1a\n\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rHOST_STATE_UP\x10\x01\x12\x13\n\x0fHOST_STATE_DOWN\x10\x02\x12\x1a\n\x16HOST_STATE_MAINTENANCE\x10\x03\x12\x15\n\x11HOST_STATE_FAILED\x10\x04\x12\x15\n\x11HOST_STATE_FENCED\x10\x05*o\n\nHostHealth\x12\x1b\n\x17HOST_HEALTH_UNSPECIFIED\x10\x00\x12\x12\n\x0eHOST_HEALTH_OK\x10\x01\x12\x18\n\x14HOST_HEALTH_DEGRADED\x10\x02\x12\x16\n\x12HOST_HEALTH_FAILED\x10\x03*~\n\x0eHypervisorType\x12\x1f\n\x1bHYPERVISOR_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13HYPERVISOR_TYPE_KVM\x10\x01\x12\x18\n\x14HYPERVISOR_TYPE_QEMU\x10\x02\x12\x18\n\x14HYPERVISOR_TYPE_TEST\x10\x03\x32\xc6\x03\n\x05Hosts\x12\x39\n\x0cRegisterHost\x12\x1b.vim.v1.RegisterHostRequest\x1a\x0c.vim.v1.Host\x12/\n\x07GetHost\x12\x16.vim.v1.GetHostRequest\x1a\x0c.vim.v1.Host\x12@\n\tListHosts\x12\x18.vim.v1.ListHostsRequest\x1a\x19.vim.v1.ListHostsResponse\x12\x43\n\x11\x45nableMaintenance\x12 .vim.v1.EnableMaintenanceRequest\x1a\x0c.vim.v1.Host\x12\x45\n\x12\x44isableMaintenance\x12!.vim.v1.DisableMaintenanceRequest\x1a\x0c.vim.v1.Host\x12@\n\tListZones\x12\x18.vim.v1.ListZonesRequest\x1a\x19.vim.v1.ListZonesResponse\x12\x41\n\x0bGetCapacity\x12\x1a.vim.v1.GetCapacityRequest\x1a\x16.vim.v1.CapacityReportb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12vim/v1/hosts.proto\x12\x06vim.v1\x1a\x13vim/v1/common.proto\"T\n\x0f\x43\x61pacityAmounts\x12\r\n\x05vcpus\x18\x01 \x01(\x04\x12\x0e\n\x06ram_mb\x18\x02 \x01(\x04\x12\x0f\n\x07\x64isk_gb\x18\x03 \x01(\x04\x12\x11\n\tinstances\x18\x04 \x01(\x04\"\xb8\x01\n\x10ResourceCapacity\x12&\n\x05total\x18\x01 \x01(\x0b\x32\x17.vim.v1.CapacityAmounts\x12%\n\x04used\x18\x02 \x01(\x0b\x32\x17.vim.v1.CapacityAmounts\x12)\n\x08reserved\x18\x03 \x01(\x0b\x32\x17.vim.v1.CapacityAmounts\x12*\n\tavailable\x18\x04 \x01(\x0b\x32\x17.vim.v1.CapacityAmounts\":\n\x10\x41llocationRatios\x12\x0b\n\x03\x63pu\x18\x01 \x01(\x01\x12\x0b\n\x03ram\x18\x02 \x01(\x01\x12\x0c\n\x04\x64isk\x18\x03 \x01(\x01\"\x88\x04\n\x04Host\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12 \n\x05state\x18\x03 \x01(\x0e\x32\x11.vim.v1.HostState\x12\"\n\x06health\x18\x04 \x01(\x0e\x32\x12.vim.v1.HostHealth\x12\x16\n\x0ehealth_reasons\x18\x05 \x03(\t\x12\x13\n\x0bmaintenance\x18\x06 \x01(\x08\x12\x1a\n\x12maintenance_reason\x18\x07 \x01(\t\x12)\n\x08physical\x18\x08 \x01(\x0b\x32\x17.vim.v1.CapacityAmounts\x12\x33\n\x11\x61llocation_ratios\x18\t \x01(\x0b\x32\x18.vim.v1.AllocationRatios\x12/\n\x0fhypervisor_type\x18\n \x01(\x0e\x32\x16.vim.v1.HypervisorType\x12\x1a\n\x12management_address\x18\x0b \x01(\t\x12\x14\n\x0c\x62mc_endpoint\x18\x0c \x01(\t\x12*\n\x08\x63\x61pacity\x18\r \x01(\x0b\x32\x18.vim.v1.ResourceCapacity\x12\x15\n\rregistered_at\x18\x0e \x01(\t\x12\x12\n\nupdated_at\x18\x0f \x01(\t\x12\x1c\n\x14\x65vacuation_requested\x18\x10 \x01(\x08\x12\x19\n\x11\x65vacuation_reason\x18\x11 \x01(\t\"\xa9\x03\n\x13RegisterHostRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0c\n\x04zone\x18\x03 \x01(\t\x12\r\n\x05vcpus\x18\x04 \x01(\x03\x12\x0e\n\x06ram_mb\x18\x05 \x01(\x03\x12\x0f\n\x07\x64isk_gb\x18\x06 \x01(\x03\x12!\n\x14\x63pu_allocation_ratio\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12!\n\x14ram_allocation_ratio\x18\x08 \x01(\x01H\x01\x88\x01\x01\x12\"\n\x15\x64isk_allocation_ratio\x18\t \x01(\x01H\x02\x88\x01\x01\x12/\n\x0fhypervisor_type\x18\n \x01(\x0e\x32\x16.vim.v1.HypervisorType\x12\x1a\n\x12management_address\x18\x0b \x01(\t\x12\x14\n\x0c\x62mc_endpoint\x18\x0c \x01(\t\x12\x15\n\rmax_instances\x18\r \x01(\rB\x17\n\x15_cpu_allocation_ratioB\x17\n\x15_ram_allocation_ratioB\x18\n\x16_disk_allocation_ratio\"\"\n\x0eGetHostRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\"e\n\x10ListHostsRequest\x12!\n\x04page\x18\x01 \x01(\x0b\x32\x13.vim.v1.PageRequest\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12 \n\x05state\x18\x03 \x01(\x0e\x32\x11.vim.v1.HostState\"T\n\x11ListHostsResponse\x12\x1b\n\x05hosts\x18\x01 \x03(\x0b\x32\x0c.vim.v1.Host\x12\"\n\x04page\x18\x02 \x01(\x0b\x32\x14.vim.v1.PageResponse\"P\n\x18\x45nableMaintenanceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"A\n\x19\x44isableMaintenanceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\"K\n\x13\x45vacuateHostRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\x12\n\x10ListZonesRequest\"{\n\x10\x41vailabilityZone\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nhost_count\x18\x02 \x01(\r\x12\x19\n\x11schedulable_hosts\x18\x03 \x01(\r\x12*\n\x08\x63\x61pacity\x18\x04 \x01(\x0b\x32\x18.vim.v1.ResourceCapacity\"<\n\x11ListZonesResponse\x12\'\n\x05zones\x18\x01 \x03(\x0b\x32\x18.vim.v1.AvailabilityZone\"\"\n\x12GetCapacityRequest\x12\x0c\n\x04zone\x18\x01 \x01(\t\"|\n\x0cHostCapacity\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x0c\n\x04zone\x18\x02 \x01(\t\x12 \n\x05state\x18\x03 \x01(\x0e\x32\x11.vim.v1.HostState\x12*\n\x08\x63\x61pacity\x18\x04 \x01(\x0b\x32\x18.vim.v1.ResourceCapacity\"^\n\x0e\x43\x61pacityReport\x12\'\n\x05zones\x18\x01 \x03(\x0b\x32\x18.vim.v1.AvailabilityZone\x12#\n\x05hosts\x18\x02 \x03(\x0b\x32\x14.vim.v1.HostCapacity*\x99\x01\n\tHostState\x12\x1a\n\x16HOST_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rHOST_STATE_UP\x10\x01\x12\x13\n\x0fHOST_STATE_DOWN\x10\x02\x12\x1a\n\x16HOST_STATE_MAINTENANCE\x10\x03\x12\x15\n\x11HOST_STATE_FAILED\x10\x04\x12\x15\n\x11HOST_STATE_FENCED\x10\x05*o\n\nHostHealth\x12\x1b\n\x17HOST_HEALTH_UNSPECIFIED\x10\x00\x12\x12\n\x0eHOST_HEALTH_OK\x10\x01\x12\x18\n\x14HOST_HEALTH_DEGRADED\x10\x02\x12\x16\n\x12HOST_HEALTH_FAILED\x10\x03*~\n\x0eHypervisorType\x12\x1f\n\x1bHYPERVISOR_TYPE_UNSPECIFIED\x10\x00\x12\x17\n\x13HYPERVISOR_TYPE_KVM\x10\x01\x12\x18\n\x14HYPERVISOR_TYPE_QEMU\x10\x02\x12\x18\n\x14HYPERVISOR_TYPE_TEST\x10\x03\x32\x81\x04\n\x05Hosts\x12\x39\n\x0cRegisterHost\x12\x1b.vim.v1.RegisterHostRequest\x1a\x0c.vim.v1.Host\x12/\n\x07GetHost\x12\x16.vim.v1.GetHostRequest\x1a\x0c.vim.v1.Host\x12@\n\tListHosts\x12\x18.vim.v1.ListHostsRequest\x1a\x19.vim.v1.ListHostsResponse\x12\x43\n\x11\x45nableMaintenance\x12 .vim.v1.EnableMaintenanceRequest\x1a\x0c.vim.v1.Host\x12\x45\n\x12\x44isableMaintenance\x12!.vim.v1.DisableMaintenanceRequest\x1a\x0c.vim.v1.Host\x12\x39\n\x0c\x45vacuateHost\x12\x1b.vim.v1.EvacuateHostRequest\x1a\x0c.vim.v1.Host\x12@\n\tListZones\x12\x18.vim.v1.ListZonesRequest\x1a\x19.vim.v1.ListZonesResponse\x12\x41\n\x0bGetCapacity\x12\x1a.vim.v1.GetCapacityRequest\x1a\x16.vim.v1.CapacityReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'vim._gen.vim.v1.hosts_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_HOSTSTATE']._serialized_start=2118
-  _globals['_HOSTSTATE']._serialized_end=2271
-  _globals['_HOSTHEALTH']._serialized_start=2273
-  _globals['_HOSTHEALTH']._serialized_end=2384
-  _globals['_HYPERVISORTYPE']._serialized_start=2386
-  _globals['_HYPERVISORTYPE']._serialized_end=2512
+  _globals['_HOSTSTATE']._serialized_start=2252
+  _globals['_HOSTSTATE']._serialized_end=2405
+  _globals['_HOSTHEALTH']._serialized_start=2407
+  _globals['_HOSTHEALTH']._serialized_end=2518
+  _globals['_HYPERVISORTYPE']._serialized_start=2520
+  _globals['_HYPERVISORTYPE']._serialized_end=2646
   _globals['_CAPACITYAMOUNTS']._serialized_start=51
   _globals['_CAPACITYAMOUNTS']._serialized_end=135
   _globals['_RESOURCECAPACITY']._serialized_start=138
@@ -45,31 +45,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ALLOCATIONRATIOS']._serialized_start=324
   _globals['_ALLOCATIONRATIOS']._serialized_end=382
   _globals['_HOST']._serialized_start=385
-  _globals['_HOST']._serialized_end=848
-  _globals['_REGISTERHOSTREQUEST']._serialized_start=851
-  _globals['_REGISTERHOSTREQUEST']._serialized_end=1276
-  _globals['_GETHOSTREQUEST']._serialized_start=1278
-  _globals['_GETHOSTREQUEST']._serialized_end=1312
-  _globals['_LISTHOSTSREQUEST']._serialized_start=1314
-  _globals['_LISTHOSTSREQUEST']._serialized_end=1415
-  _globals['_LISTHOSTSRESPONSE']._serialized_start=1417
-  _globals['_LISTHOSTSRESPONSE']._serialized_end=1501
-  _globals['_ENABLEMAINTENANCEREQUEST']._serialized_start=1503
-  _globals['_ENABLEMAINTENANCEREQUEST']._serialized_end=1583
-  _globals['_DISABLEMAINTENANCEREQUEST']._serialized_start=1585
-  _globals['_DISABLEMAINTENANCEREQUEST']._serialized_end=1650
-  _globals['_LISTZONESREQUEST']._serialized_start=1652
-  _globals['_LISTZONESREQUEST']._serialized_end=1670
-  _globals['_AVAILABILITYZONE']._serialized_start=1672
-  _globals['_AVAILABILITYZONE']._serialized_end=1795
-  _globals['_LISTZONESRESPONSE']._serialized_start=1797
-  _globals['_LISTZONESRESPONSE']._serialized_end=1857
-  _globals['_GETCAPACITYREQUEST']._serialized_start=1859
-  _globals['_GETCAPACITYREQUEST']._serialized_end=1893
-  _globals['_HOSTCAPACITY']._serialized_start=1895
-  _globals['_HOSTCAPACITY']._serialized_end=2019
-  _globals['_CAPACITYREPORT']._serialized_start=2021
-  _globals['_CAPACITYREPORT']._serialized_end=2115
-  _globals['_HOSTS']._serialized_start=2515
-  _globals['_HOSTS']._serialized_end=2969
+  _globals['_HOST']._serialized_end=905
+  _globals['_REGISTERHOSTREQUEST']._serialized_start=908
+  _globals['_REGISTERHOSTREQUEST']._serialized_end=1333
+  _globals['_GETHOSTREQUEST']._serialized_start=1335
+  _globals['_GETHOSTREQUEST']._serialized_end=1369
+  _globals['_LISTHOSTSREQUEST']._serialized_start=1371
+  _globals['_LISTHOSTSREQUEST']._serialized_end=1472
+  _globals['_LISTHOSTSRESPONSE']._serialized_start=1474
+  _globals['_LISTHOSTSRESPONSE']._serialized_end=1558
+  _globals['_ENABLEMAINTENANCEREQUEST']._serialized_start=1560
+  _globals['_ENABLEMAINTENANCEREQUEST']._serialized_end=1640
+  _globals['_DISABLEMAINTENANCEREQUEST']._serialized_start=1642
+  _globals['_DISABLEMAINTENANCEREQUEST']._serialized_end=1707
+  _globals['_EVACUATEHOSTREQUEST']._serialized_start=1709
+  _globals['_EVACUATEHOSTREQUEST']._serialized_end=1784
+  _globals['_LISTZONESREQUEST']._serialized_start=1786
+  _globals['_LISTZONESREQUEST']._serialized_end=1804
+  _globals['_AVAILABILITYZONE']._serialized_start=1806
+  _globals['_AVAILABILITYZONE']._serialized_end=1929
+  _globals['_LISTZONESRESPONSE']._serialized_start=1931
+  _globals['_LISTZONESRESPONSE']._serialized_end=1991
+  _globals['_GETCAPACITYREQUEST']._serialized_start=1993
+  _globals['_GETCAPACITYREQUEST']._serialized_end=2027
+  _globals['_HOSTCAPACITY']._serialized_start=2029
+  _globals['_HOSTCAPACITY']._serialized_end=2153
+  _globals['_CAPACITYREPORT']._serialized_start=2155
+  _globals['_CAPACITYREPORT']._serialized_end=2249
+  _globals['_HOSTS']._serialized_start=2649
+  _globals['_HOSTS']._serialized_end=3162
 # @@protoc_insertion_point(module_scope)

@@ -231,6 +231,8 @@ class Host(_message.Message):
     CAPACITY_FIELD_NUMBER: _builtins.int
     REGISTERED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    EVACUATION_REQUESTED_FIELD_NUMBER: _builtins.int
+    EVACUATION_REASON_FIELD_NUMBER: _builtins.int
     hostname: _builtins.str
     """hostname is the host's DNS label (lowercase, 1-63 characters); its id."""
     zone: _builtins.str
@@ -249,6 +251,13 @@ class Host(_message.Message):
     registered_at: _builtins.str
     """registered_at and updated_at are RFC 3339 UTC times."""
     updated_at: _builtins.str
+    evacuation_requested: _builtins.bool
+    """evacuation_requested is set from EvacuateHost until the fault manager has
+    evacuated every server (or declined: the agent was alive after all), or the
+    host is UP again.
+    """
+    evacuation_reason: _builtins.str
+    """evacuation_reason is the operator's reason, while requested."""
     @_builtins.property
     def health_reasons(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """health_reasons explain a DEGRADED or FAILED health."""
@@ -281,10 +290,12 @@ class Host(_message.Message):
         capacity: Global___ResourceCapacity | None = ...,
         registered_at: _builtins.str = ...,
         updated_at: _builtins.str = ...,
+        evacuation_requested: _builtins.bool = ...,
+        evacuation_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["allocation_ratios", b"allocation_ratios", "capacity", b"capacity", "physical", b"physical"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_ratios", b"allocation_ratios", "bmc_endpoint", b"bmc_endpoint", "capacity", b"capacity", "health", b"health", "health_reasons", b"health_reasons", "hostname", b"hostname", "hypervisor_type", b"hypervisor_type", "maintenance", b"maintenance", "maintenance_reason", b"maintenance_reason", "management_address", b"management_address", "physical", b"physical", "registered_at", b"registered_at", "state", b"state", "updated_at", b"updated_at", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_ratios", b"allocation_ratios", "bmc_endpoint", b"bmc_endpoint", "capacity", b"capacity", "evacuation_reason", b"evacuation_reason", "evacuation_requested", b"evacuation_requested", "health", b"health", "health_reasons", b"health_reasons", "hostname", b"hostname", "hypervisor_type", b"hypervisor_type", "maintenance", b"maintenance", "maintenance_reason", b"maintenance_reason", "management_address", b"management_address", "physical", b"physical", "registered_at", b"registered_at", "state", b"state", "updated_at", b"updated_at", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -510,6 +521,36 @@ class DisableMaintenanceRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DisableMaintenanceRequest: _TypeAlias = DisableMaintenanceRequest  # noqa: Y015
+
+@_typing.final
+class EvacuateHostRequest(_message.Message):
+    """EvacuateHostRequest asks for a failed host's servers to be rebuilt elsewhere."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    HOSTNAME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """request_id makes the call idempotent."""
+    hostname: _builtins.str
+    """hostname: a registered host's DNS label (required)."""
+    reason: _builtins.str
+    """reason is free text for operators (at most 255 characters)."""
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        hostname: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hostname", b"hostname", "reason", b"reason", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EvacuateHostRequest: _TypeAlias = EvacuateHostRequest  # noqa: Y015
 
 @_typing.final
 class ListZonesRequest(_message.Message):

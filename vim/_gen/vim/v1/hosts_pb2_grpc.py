@@ -60,6 +60,11 @@ class HostsStub:
                 request_serializer=vim_dot_v1_dot_hosts__pb2.DisableMaintenanceRequest.SerializeToString,
                 response_deserializer=vim_dot_v1_dot_hosts__pb2.Host.FromString,
                 _registered_method=True)
+        self.EvacuateHost = channel.unary_unary(
+                '/vim.v1.Hosts/EvacuateHost',
+                request_serializer=vim_dot_v1_dot_hosts__pb2.EvacuateHostRequest.SerializeToString,
+                response_deserializer=vim_dot_v1_dot_hosts__pb2.Host.FromString,
+                _registered_method=True)
         self.ListZones = channel.unary_unary(
                 '/vim.v1.Hosts/ListZones',
                 request_serializer=vim_dot_v1_dot_hosts__pb2.ListZonesRequest.SerializeToString,
@@ -115,6 +120,20 @@ class HostsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EvacuateHost(self, request, context):
+        """EvacuateHost records an operator's request to rebuild the host's servers
+        elsewhere; the fault manager fences the host first (as for a detected
+        failure), then evacuates its servers whatever the zone's recovery policy
+        (policy "none" means "an operator decides": this is that decision).
+        FAILED_PRECONDITION when the host is UP or in maintenance with a live
+        agent (a planned move is EnableMaintenance, which migrates without
+        fencing); NOT_FOUND for an unknown host. A repeat while a request is in
+        progress changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListZones(self, request, context):
         """ListZones returns every availability zone with its host count and capacity.
         """
@@ -155,6 +174,11 @@ def add_HostsServicer_to_server(servicer, server):
             'DisableMaintenance': grpc.unary_unary_rpc_method_handler(
                     servicer.DisableMaintenance,
                     request_deserializer=vim_dot_v1_dot_hosts__pb2.DisableMaintenanceRequest.FromString,
+                    response_serializer=vim_dot_v1_dot_hosts__pb2.Host.SerializeToString,
+            ),
+            'EvacuateHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.EvacuateHost,
+                    request_deserializer=vim_dot_v1_dot_hosts__pb2.EvacuateHostRequest.FromString,
                     response_serializer=vim_dot_v1_dot_hosts__pb2.Host.SerializeToString,
             ),
             'ListZones': grpc.unary_unary_rpc_method_handler(
@@ -303,6 +327,33 @@ class Hosts:
             target,
             '/vim.v1.Hosts/DisableMaintenance',
             vim_dot_v1_dot_hosts__pb2.DisableMaintenanceRequest.SerializeToString,
+            vim_dot_v1_dot_hosts__pb2.Host.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EvacuateHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/vim.v1.Hosts/EvacuateHost',
+            vim_dot_v1_dot_hosts__pb2.EvacuateHostRequest.SerializeToString,
             vim_dot_v1_dot_hosts__pb2.Host.FromString,
             options,
             channel_credentials,

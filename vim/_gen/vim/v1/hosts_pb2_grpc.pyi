@@ -55,6 +55,16 @@ class HostsStub:
     """
     DisableMaintenance: _grpc.UnaryUnaryMultiCallable[_hosts_pb2.DisableMaintenanceRequest, _hosts_pb2.Host]
     """DisableMaintenance clears the flag and returns the host to UP."""
+    EvacuateHost: _grpc.UnaryUnaryMultiCallable[_hosts_pb2.EvacuateHostRequest, _hosts_pb2.Host]
+    """EvacuateHost records an operator's request to rebuild the host's servers
+    elsewhere; the fault manager fences the host first (as for a detected
+    failure), then evacuates its servers whatever the zone's recovery policy
+    (policy "none" means "an operator decides": this is that decision).
+    FAILED_PRECONDITION when the host is UP or in maintenance with a live
+    agent (a planned move is EnableMaintenance, which migrates without
+    fencing); NOT_FOUND for an unknown host. A repeat while a request is in
+    progress changes nothing.
+    """
     ListZones: _grpc.UnaryUnaryMultiCallable[_hosts_pb2.ListZonesRequest, _hosts_pb2.ListZonesResponse]
     """ListZones returns every availability zone with its host count and capacity."""
     GetCapacity: _grpc.UnaryUnaryMultiCallable[_hosts_pb2.GetCapacityRequest, _hosts_pb2.CapacityReport]
@@ -81,6 +91,16 @@ class HostsAsyncStub(HostsStub):
     """
     DisableMaintenance: _aio.UnaryUnaryMultiCallable[_hosts_pb2.DisableMaintenanceRequest, _hosts_pb2.Host]  # type: ignore[assignment]
     """DisableMaintenance clears the flag and returns the host to UP."""
+    EvacuateHost: _aio.UnaryUnaryMultiCallable[_hosts_pb2.EvacuateHostRequest, _hosts_pb2.Host]  # type: ignore[assignment]
+    """EvacuateHost records an operator's request to rebuild the host's servers
+    elsewhere; the fault manager fences the host first (as for a detected
+    failure), then evacuates its servers whatever the zone's recovery policy
+    (policy "none" means "an operator decides": this is that decision).
+    FAILED_PRECONDITION when the host is UP or in maintenance with a live
+    agent (a planned move is EnableMaintenance, which migrates without
+    fencing); NOT_FOUND for an unknown host. A repeat while a request is in
+    progress changes nothing.
+    """
     ListZones: _aio.UnaryUnaryMultiCallable[_hosts_pb2.ListZonesRequest, _hosts_pb2.ListZonesResponse]  # type: ignore[assignment]
     """ListZones returns every availability zone with its host count and capacity."""
     GetCapacity: _aio.UnaryUnaryMultiCallable[_hosts_pb2.GetCapacityRequest, _hosts_pb2.CapacityReport]  # type: ignore[assignment]
@@ -134,6 +154,22 @@ class HostsServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_hosts_pb2.Host, _abc.Awaitable[_hosts_pb2.Host]]:
         """DisableMaintenance clears the flag and returns the host to UP."""
+
+    @_abc_1.abstractmethod
+    def EvacuateHost(
+        self,
+        request: _hosts_pb2.EvacuateHostRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_hosts_pb2.Host, _abc.Awaitable[_hosts_pb2.Host]]:
+        """EvacuateHost records an operator's request to rebuild the host's servers
+        elsewhere; the fault manager fences the host first (as for a detected
+        failure), then evacuates its servers whatever the zone's recovery policy
+        (policy "none" means "an operator decides": this is that decision).
+        FAILED_PRECONDITION when the host is UP or in maintenance with a live
+        agent (a planned move is EnableMaintenance, which migrates without
+        fencing); NOT_FOUND for an unknown host. A repeat while a request is in
+        progress changes nothing.
+        """
 
     @_abc_1.abstractmethod
     def ListZones(
