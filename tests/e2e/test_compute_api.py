@@ -26,6 +26,8 @@ from vim._gen.vim.v1 import (
     compute_pb2_grpc,
     flavours_pb2,
     flavours_pb2_grpc,
+    hosts_pb2,
+    hosts_pb2_grpc,
     images_pb2,
     images_pb2_grpc,
     networks_pb2,
@@ -37,7 +39,7 @@ from vim.api.auth import Authenticator
 from vim.api.server import ApiConfig, ApiNode
 from vim.app import quotas
 from vim.app.commands import Change, CommandContext, Decision, Principal
-from vim.domain import server
+from vim.domain import host, server
 from vim.projections.readmodel import ReadModel
 
 SECRET = b"x" * 32
@@ -61,6 +63,7 @@ def uid() -> str:
 @dataclass
 class World:
     node: ApiNode
+    channel: grpc.aio.Channel
     compute: compute_pb2_grpc.ComputeStub
     networks: networks_pb2_grpc.NetworksStub
     quotas: quotas_pb2_grpc.QuotasStub
@@ -112,6 +115,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         async with grpc.aio.insecure_channel(node.address) as ch:
             w = World(
                 node,
+                ch,
                 compute_pb2_grpc.ComputeStub(ch),
                 networks_pb2_grpc.NetworksStub(ch),
                 quotas_pb2_grpc.QuotasStub(ch),
@@ -355,10 +359,49 @@ async def test_migration_honours_the_constraints(world: World) -> None:
         migrate("m2", pinned.server_id, compute_pb2.MIGRATION_TYPE_OFFLINE, "nohost"),
         Code.NOT_FOUND,
     )
-    moving = await migrate("m3", pinned.server_id, compute_pb2.MIGRATION_TYPE_OFFLINE)
+    # No host registered yet: nowhere to go, said with the filters' reason.
+    err = await fails(
+        migrate("m3", pinned.server_id, compute_pb2.MIGRATION_TYPE_OFFLINE),
+        Code.FAILED_PRECONDITION,
+    )
+    assert "no host can take" in (err.details() or "")
+    hosts = hosts_pb2_grpc.HostsStub(world.channel)
+    for name, vcpus in (("cmp-1", 8), ("cmp-2", 8), ("cmp-3", 1)):
+        await hosts.RegisterHost(
+            hosts_pb2.RegisterHostRequest(
+                request_id=f"reg-{name}",
+                hostname=name,
+                zone="z1",
+                vcpus=vcpus,
+                ram_mb=16384,
+                disk_gb=200,
+                cpu_allocation_ratio=1.0,
+                management_address="127.0.0.1",
+            ),
+            metadata=ADMIN,
+        )
+    await fails(
+        migrate("m4", pinned.server_id, compute_pb2.MIGRATION_TYPE_OFFLINE, "cmp-1"),
+        Code.FAILED_PRECONDITION,  # where it already runs
+    )
+    err = await fails(
+        migrate("m5", pinned.server_id, compute_pb2.MIGRATION_TYPE_OFFLINE, "cmp-3"),
+        Code.FAILED_PRECONDITION,  # 1 vCPU cannot take 2
+    )
+    assert "capacity" in (err.details() or "")
+    moving = await migrate("m6", pinned.server_id, compute_pb2.MIGRATION_TYPE_OFFLINE)
     assert moving.task == "MIGRATING"
-    live = await migrate("m4", free.server_id, compute_pb2.MIGRATION_TYPE_LIVE)
+    live = await migrate("m7", free.server_id, compute_pb2.MIGRATION_TYPE_LIVE, "cmp-2")
     assert live.task == "MIGRATING"
+    assert world.node.node is not None
+    model = world.node.node.model
+    # The scheduler's planner chose cmp-2 (the only other host that fits) and claimed it.
+    for sid in (pinned.server_id, free.server_id):
+        entry = model.get(server.stream(sid))
+        assert entry is not None and entry.state.migration_target == "cmp-2"
+    target = model.get(host.stream("cmp-2"))
+    assert target is not None
+    assert set(target.state.claims) == {pinned.server_id, free.server_id}
 
 
 async def test_affinity_group_lifecycle(world: World) -> None:

@@ -19,8 +19,11 @@ tenant's servers and groups; anything else is NOT_FOUND, as if absent.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 from vim._gen.vim.v1 import compute_pb2 as pb
@@ -35,6 +38,7 @@ from vim.app.commands import Change, Decision, Principal
 from vim.domain import affinity, host, image, server
 from vim.errors import DomainError, FieldViolation, NotFound
 from vim.projections.readmodel import ReadModel, register_kind
+from vim.scheduler.planner import Failure, Placement, Planner, Snapshot, request_of
 
 SERVICE_NAME = "vim.v1.Compute"
 register_kind(server.KIND, server.evolve)
@@ -439,9 +443,23 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
             s, version = find_server(model, principal, request.server_id)
             if target and model.get(host.stream(target)) is None:
                 raise NotFound(f"host {target} not found")
-            event = server.migrate(s, kind, target, at)
-            change = Change(server.stream(s.server_id), version, [event])
-            return Decision([change], server.evolve(s, event).view())
+            if target == s.host:
+                raise DomainError(f"server {s.server_id} already runs on host {target}")
+            server.migrate(s, kind, target or "?", at)  # the server's own rules first
+            placed = migration_destination(model, s, version, target)
+            if isinstance(placed, Failure):
+                raise DomainError(f"no host can take server {s.server_id}: {placed.reason}")
+            event = server.migrate(s, kind, placed.hostname, at)
+            changes = [
+                Change(server.stream(s.server_id), version, [event]),
+                Change(host.stream(placed.hostname), placed.host_version, [placed.claim]),
+            ]
+            if placed.group_id and placed.group_version is not None:
+                member = affinity.AffinityMemberAdded(placed.group_id, s.server_id)
+                changes.append(
+                    Change(affinity.stream(placed.group_id), placed.group_version, [member])
+                )
+            return Decision(changes, server.evolve(s, event).view())
 
         return await self._one_stream(principal, request, "MigrateCompute", context, decide)
 
@@ -616,3 +634,26 @@ def _group(view: Mapping[str, Any]) -> pb.AffinityGroup:
     msg = pb.AffinityGroup()
     view_to(msg, dict(view))
     return msg
+
+
+def migration_destination(
+    model: ReadModel, s: server.Server, version: int, target: str
+) -> Placement | Failure:
+    """Where a migration of `s` goes: the scheduler's own planner and filters (capacity,
+    state, zone, affinity, reservations), never its current host; `target` narrows
+    the choice to that host, which must pass the same filters."""
+    snap = Snapshot.of(model, datetime.now(UTC))
+    hosts = {
+        name: entry
+        for name, entry in snap.hosts.items()
+        if name != s.host and (not target or name == target)
+    }
+    members = dict(snap.members)
+    if s.affinity_group_id in members and s.host:
+        others = list(members[s.affinity_group_id])
+        zone = snap.hosts[s.host][0].spec.zone if s.host in snap.hosts else s.zone
+        with contextlib.suppress(ValueError):
+            others.remove((s.host, zone))  # the server itself is what moves
+        members[s.affinity_group_id] = others
+    snapshot = replace(snap, hosts=hosts, members=members, requests=[])
+    return Planner(snapshot).place(request_of(s, version))

@@ -142,7 +142,15 @@ def report_state(
     events = server.report_state(
         s, hostname, STATE_OF_POWER[power], power, now, fault_reason=fault_reason
     )
-    return _on(model, server.stream(server_id), events)
+    decision = _on(model, server.stream(server_id), events)
+    if events and s.host and s.host != hostname:
+        # The migration ended on this host: the source's claim is given back in the same append.
+        source = model.get(host.stream(s.host))
+        released = host.release(source.state, server_id) if source else None
+        if source is not None and released is not None:
+            change = Change(host.stream(s.host), source.version, [released])
+            return Decision([*decision.changes, change], decision.response)
+    return decision
 
 
 def migration_role(s: server.Server, hostname: str) -> str:
