@@ -16,10 +16,12 @@ take a service down or stall its loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import signal
 import socket
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 log = logging.getLogger(__name__)
 
@@ -106,3 +108,14 @@ async def keep_pinging(
                 log.exception("watchdog tick failed")
         notifier.watchdog()
         await asyncio.sleep(every)
+
+
+def stop_on_signals(stop: Callable[[], Awaitable[None]]) -> None:
+    """SIGTERM (systemd's stop) and SIGINT call `stop()` on the running loop, so a
+    service ends its work and resigns its term instead of dying mid-append (a
+    successor then need not wait for the lease to expire). Outside the main thread,
+    where signals cannot be handled, this does nothing."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(stop()))

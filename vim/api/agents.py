@@ -152,7 +152,9 @@ class AgentsServicer(agents_pb2_grpc.AgentsServicer):
                 if fingerprint != last:
                     last = fingerprint
                     yield desired_msg(snapshot)
-                moved = asyncio.ensure_future(model.wait_for(model.position + 1, heartbeat_s))
+                # From the snapshot's position, not the model's: the model may have moved
+                # while the message was being sent, and that change must wake us at once.
+                moved = asyncio.ensure_future(model.wait_for(snapshot.position + 1, heartbeat_s))
                 await asyncio.wait({moved, drained}, return_when=asyncio.FIRST_COMPLETED)
                 if not moved.done():
                     moved.cancel()

@@ -51,7 +51,7 @@ from vim.eventlog.store import EventLog
 from vim.faultd.liveness import EtcdLiveness, LivenessSource, LocalLiveness
 from vim.faultd.service import ROLE, STATS_HELP, CompanionFactory, FaultdConfig, FaultManager
 from vim.projections.readmodel import Projector, ReadModel
-from vim.sdnotify import Notifier, keep_pinging
+from vim.sdnotify import Notifier, keep_pinging, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,7 @@ async def serve(
         projector.start()
         tick = telemetry.leader_tick(metrics, elector)
         pings = asyncio.create_task(keep_pinging(notifier, tick=tick))
+        stop_on_signals(manager.stop)
         notifier.ready(f"campaigning as {config.name}")
         await manager.run()
     finally:

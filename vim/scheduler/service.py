@@ -53,7 +53,7 @@ from vim.projections.readmodel import Projector, ReadModel
 from vim.scheduler.applying import Applied, Applier
 from vim.scheduler.planner import Planner, Snapshot
 from vim.scheduler.weighers import Strategy
-from vim.sdnotify import Notifier, keep_pinging
+from vim.sdnotify import Notifier, keep_pinging, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -336,6 +336,7 @@ async def serve(
         projector.start()
         tick = telemetry.leader_tick(metrics, elector)
         pings = asyncio.create_task(keep_pinging(notifier, tick=tick))
+        stop_on_signals(service.stop)
         notifier.ready(f"campaigning as {config.name}")
         await service.run()
     finally:

@@ -51,7 +51,7 @@ from vim.eventlog.model import AppendRequest, Metadata, NewEvent, StreamAppend
 from vim.eventlog.sql import SqlEventLog
 from vim.eventlog.store import EventLog
 from vim.projections.readmodel import Projector, ReadModel, register_kind
-from vim.sdnotify import Notifier, keep_pinging
+from vim.sdnotify import Notifier, keep_pinging, stop_on_signals
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +353,7 @@ async def serve(
         projector.start()
         tick = telemetry.leader_tick(metrics, elector)
         pings = asyncio.create_task(keep_pinging(notifier, tick=tick))
+        stop_on_signals(service.stop)
         notifier.ready(f"campaigning as {config.name}")
         await service.run()
     finally:
