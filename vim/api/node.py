@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import structlog
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
@@ -63,6 +64,8 @@ class Node:
         body.CopyFrom(request)
         body.ClearField("request_id")
         correlation = _metadata_str(context.invocation_metadata(), CORRELATION_KEY)
+        # Every log line of this call (its own task) names the request it belongs to.
+        structlog.contextvars.bind_contextvars(correlation_id=correlation or rid, request_id=rid)
         return CommandContext(
             principal=principal,
             request_id=rid,
