@@ -16,6 +16,10 @@ runs no guest). Evidence asserted, through the API only for every change:
 * traffic passes between server ports on different hosts, through the tunnel;
 * an agent SIGKILLed and restarted converges without duplicating anything
   (same domains, same ports, no new report events);
+* every agent supervises its host's ovs-vswitchd (`--supervise`, run inside the
+  host's namespace): one SIGKILLed is restarted by the agent (a new pid that
+  answers), HostServiceFailed then HostServiceRecovered are in the host's log,
+  the br-tun flows the restart lost are reinstalled and traffic passes again;
 * after every server is deleted, no domain and no port remain on any host.
 """
 
@@ -24,6 +28,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import sys
 import time
 import uuid
@@ -36,11 +42,14 @@ import grpc
 import pytest
 
 from tests.e2e.test_agents_api import AUTH, MEMBER, SECRET, Catalogue, allocation, populate
+from tests.integration.test_agent_supervision import vswitchd_service
 from vim._gen.vim.v1 import compute_pb2, compute_pb2_grpc
 from vim.agent.domain_xml import tap_name
+from vim.agent.supervisor import SupervisedService, process_alive, read_pid
 from vim.api.server import ApiConfig, ApiNode
 from vim.harness.netns import LabHost, NetnsLab, netns_exec
 from vim.harness.ovs import OvsSwitch
+from vim.harness.ports import HarnessError
 from vim.harness.testnode import write_test_node
 from vim.scheduler.service import SchedulerConfig, SchedulerService
 from vim.sdn.service import SdnConfig, SdnService
@@ -80,6 +89,12 @@ class Host:
     def status_file(self) -> Path:
         return self.workdir / "status.json"
 
+    @property
+    def vswitchd(self) -> SupervisedService:
+        """The host's ovs-vswitchd as its agent supervises it (same pidfile, sockets and
+        log as the harness's; restarted with `--detach`, in the agent's namespace)."""
+        return vswitchd_service(self.ovs)
+
     def start_agent(self) -> None:
         self.status_file.unlink(missing_ok=True)
         token = self.workdir / "token"
@@ -112,6 +127,15 @@ class Host:
             "2",
             "--status-file",
             str(self.status_file),
+            "--supervise",
+            json.dumps(
+                {
+                    "name": self.vswitchd.name,
+                    "pidfile": str(self.vswitchd.pidfile),
+                    "start": list(self.vswitchd.start),
+                    "probe": list(self.vswitchd.probe),
+                }
+            ),
         ]
         self.proc = self.lab.spawn(["env", f"PYTHONPATH={ROOT}", *argv], self.workdir / "agent.log")
 
@@ -234,10 +258,28 @@ def lab() -> Iterator[NetnsLab]:
 @pytest.fixture
 def switches(lab: NetnsLab, tmp_path: Path) -> Iterator[dict[str, OvsSwitch]]:
     with contextlib.ExitStack() as stack:
-        yield {
+        found = {
             h.name: stack.enter_context(OvsSwitch.start(netns=h.netns, base_dir=tmp_path / "ovs"))
             for h in lab.hosts
         }
+        for ovs in found.values():  # before each switch stops (the stack unwinds backwards)
+            stack.callback(_kill_restarted_vswitchd, ovs)
+        yield found
+
+
+def _kill_restarted_vswitchd(ovs: OvsSwitch) -> None:
+    """SIGKILL an ovs-vswitchd that an agent's supervisor restarted: it detached, so it
+    is no child of the harness, which stops only its own. (The agents are dead by now.)"""
+    pid = read_pid(vswitchd_service(ovs).pidfile)
+    if pid is None or pid == ovs.vswitchd_pid or not process_alive(pid):
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while process_alive(pid):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"ovs-vswitchd {pid} survived SIGKILL")
+        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -287,8 +329,9 @@ async def cloud(
         await node.stop()
 
 
-def _ping(vm_ns: str, ip: str) -> bool:
-    return netns_exec(vm_ns, ["ping", "-c1", "-n", "-W1", ip], check=False).returncode == 0
+def _ping(vm_ns: str, ip: str, wait_s: float = 1.0) -> bool:
+    argv = ["ping", "-c1", "-n", f"-W{wait_s:g}", ip]
+    return netns_exec(vm_ns, argv, check=False).returncode == 0
 
 
 async def test_three_hosts_servers_tunnels_restart_and_cleanup(cloud: Cloud) -> None:
@@ -369,6 +412,10 @@ async def test_three_hosts_servers_tunnels_restart_and_cleanup(cloud: Cloud) -> 
         lambda: asyncio.to_thread(_ping, cloud.vms[a.nics[0].port_id], b.nics[0].ip_addresses[0]),
     )
 
+    # SIGKILL ovs-vswitchd on a's host: the agent's supervisor restarts it, the host's log
+    # records the outage, the flows the restart lost are reinstalled, a -> b passes again.
+    await _vswitchd_killed_and_recovered(cloud, cloud.hosts[a.host], a, b)
+
     # Delete everything: no domain and no port remain.
     for sid in sids:
         await cloud.compute.TerminateCompute(
@@ -380,6 +427,84 @@ async def test_three_hosts_servers_tunnels_restart_and_cleanup(cloud: Cloud) -> 
             f"{host.name} empty",
             lambda host=host: host.domains() == {} and host.vim_ports() == {},
         )
+
+
+async def _vswitchd_killed_and_recovered(
+    cloud: Cloud, host: Host, src: compute_pb2.Server, dst: compute_pb2.Server
+) -> None:
+    """SIGKILL `host`'s ovs-vswitchd (`src`'s or `dst`'s host) and watch the agent bring
+    it back: restart, log records, flows, then traffic from `src` to `dst`; print when."""
+    assert cloud.node.node is not None
+    log, stream, service = cloud.node.node.log, f"host-{host.name}", host.vswitchd
+    flows = _tun_flows(host.ovs)
+    assert flows, "no br-tun flows before the kill"
+    events_before = len(await log.read_stream(stream))
+    first = read_pid(service.pidfile)
+    assert first is not None and process_alive(first)
+
+    os.kill(first, signal.SIGKILL)  # the harness reaps it only at the end: a zombie till then
+    killed = time.monotonic()
+    await until("the killed ovs-vswitchd gone", lambda: not process_alive(first), timeout_s=5)
+    # A new ovs-vswitchd, started by the agent's supervisor (not the harness), answers.
+    second = await until(
+        "a new ovs-vswitchd answering",
+        lambda: (
+            (pid := read_pid(service.pidfile)) not in (None, first)
+            and process_alive(pid)
+            and host.ovs.appctl_rc("version") == 0
+            and pid
+        ),
+        timeout_s=5,
+    )
+    restarted = time.monotonic() - killed
+    # It started with no flows: every one back means the agent's reconcile pass ran.
+    await until(
+        "the br-tun flows reinstalled", lambda: _tun_flows(host.ovs, ready=False) == flows, 5
+    )
+    reinstalled = time.monotonic() - killed
+    vm, ip = cloud.vms[src.nics[0].port_id], dst.nics[0].ip_addresses[0]
+    # A short reply wait, so the figure printed below is not rounded up to whole seconds.
+    await until("traffic after the restart", lambda: asyncio.to_thread(_ping, vm, ip, 0.25), 10)
+    resumed = time.monotonic() - killed
+    # Failed, then recovered: both recorded through the Agents API, in that order.
+    events = await until(
+        f"HostServiceRecovered in {stream}",
+        lambda: _service_events(log, stream, events_before),
+        timeout_s=5,
+    )
+    assert [e.type for e in events] == ["HostServiceFailed", "HostServiceRecovered"], events
+    assert all(e.data["service"] == "ovs-vswitchd" for e in events)
+    # Seen dead, or its probe cut off by the kill while in flight: both are this outage.
+    failed, recovered = events[0].data, events[1].data
+    assert f"process {first} is gone" in failed["detail"] or "probe" in failed["detail"], failed
+    assert recovered["restarts"] >= 1
+    assert read_pid(service.pidfile) == second and process_alive(second)
+    print(
+        f"ovs-vswitchd (pid {first}) SIGKILLed on {host.name} ({failed['detail']!r}): pid"
+        f" {second} answering after {restarted:.2f}s ({recovered['restarts']} restart(s)),"
+        f" flows back after {reinstalled:.2f}s, traffic after {resumed:.2f}s"
+    )
+
+
+async def _service_events(log: Any, stream: str, skip: int) -> list[Any]:
+    """The host's HostService* events after the first `skip` of its stream, once the
+    recovery is among them."""
+    events = [e for e in (await log.read_stream(stream))[skip:] if e.type.startswith("HostService")]
+    return events if any(e.type == "HostServiceRecovered" for e in events) else []
+
+
+def _tun_flows(ovs: OvsSwitch, *, ready: bool = True) -> set[str] | None:
+    """br-tun's flows as the agent installs them, without counters (each carries the
+    agent's cookie; the flows that the learn action adds have none). With `ready`
+    False, None while the bridge's OpenFlow socket is not there yet (a restarted
+    ovs-vswitchd answers `ovs-appctl` before it has set up its bridges)."""
+    try:
+        dump = ovs.ofctl("--no-stats", "dump-flows", ovs.mgmt_target("br-tun"))
+    except HarnessError:
+        if ready:
+            raise
+        return None
+    return {line.strip() for line in dump.splitlines() if "cookie=" in line}
 
 
 async def _placed(call: Any) -> compute_pb2.Server | None:

@@ -73,6 +73,10 @@ async def test_a_killed_vswitchd_is_restarted_and_reported(node: ApiNode, tmp_pa
     await _kill_and_watch_recovery(node, tmp_path)
 
 
+async def test_a_hung_vswitchd_is_killed_and_restarted(node: ApiNode, tmp_path: Path) -> None:
+    await _kill_and_watch_recovery(node, tmp_path, hang=True)
+
+
 async def test_the_facts_raise_then_clear_an_alarm(node: ApiNode, tmp_path: Path) -> None:
     """The fault manager's alarm reactor (run here in-process, as its leader) turns the
     supervisor's facts into an alarm on the host, raised and then cleared."""
@@ -105,8 +109,10 @@ async def test_the_facts_raise_then_clear_an_alarm(node: ApiNode, tmp_path: Path
             await asyncio.wait_for(task, 10)
 
 
-async def _kill_and_watch_recovery(node: ApiNode, tmp_path: Path) -> float:
-    """SIGKILL a supervised ovs-vswitchd; assert failed-then-recovered; when it was killed."""
+async def _kill_and_watch_recovery(node: ApiNode, tmp_path: Path, *, hang: bool = False) -> float:
+    """SIGKILL (or SIGSTOP: `hang`) a supervised ovs-vswitchd; assert failed-then-recovered;
+    returns when it was killed. A hung daemon still holds its pidfile: the supervisor must
+    kill it before starting a new one, which would otherwise refuse to start."""
     api = AgentApi([node.address], "cmp-1", AUTH.mint_agent("cmp-1"))
     await api.register(
         zone="z1",
@@ -126,7 +132,10 @@ async def _kill_and_watch_recovery(node: ApiNode, tmp_path: Path) -> float:
     try:
         first = read_pid(service.pidfile)
         assert first is not None and process_alive(first)
-        ovs.kill_vswitchd()
+        if hang:
+            os.kill(first, signal.SIGSTOP)
+        else:
+            ovs.kill_vswitchd()
         killed = time.monotonic()
         deadline = killed + 20
         types: list[str] = []
@@ -140,7 +149,7 @@ async def _kill_and_watch_recovery(node: ApiNode, tmp_path: Path) -> float:
         assert types[-2:] == ["HostServiceFailed", "HostServiceRecovered"], types
         events = await log.read_stream("host-cmp-1")
         assert events[-2].data["service"] == "ovs-vswitchd"
-        assert "gone" in events[-2].data["detail"]
+        assert ("probe" if hang else "gone") in events[-2].data["detail"]
         assert events[-1].data["restarts"] == 1
         assert recovered == ["ovs-vswitchd"]
         second = read_pid(service.pidfile)

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +141,10 @@ class Supervisor:
         state = self.states[service.name]
         while True:
             ok, detail = await self.healthy(service)
+            if not ok and _alive(service):
+                # A live process failing its probe once may only be slow: ask again.
+                await asyncio.sleep(self._interval_s)
+                ok, detail = await self.healthy(service)
             if not ok:
                 await self._recover(service, state, detail)
             await asyncio.sleep(self._interval_s)
@@ -156,9 +161,13 @@ class Supervisor:
         while True:
             state.restarts += 1
             state.total_restarts += 1
+            # A hung daemon still holds its pidfile: a new one would refuse to start.
+            await _kill_hung(service)
             started = await _run(service.start, service.ready_timeout_s)
             if started and await self._wait_healthy(service):
                 break
+            if (await self.healthy(service))[0]:
+                break  # it came back by itself (or the start raced with it)
             log.warning("%s did not come back (restart %d)", service.name, state.restarts)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, self._max_backoff_s)
@@ -189,6 +198,27 @@ class Supervisor:
                 except Exception as exc:
                     log.warning("report of %s (attempt %d) failed: %r", name, attempt, exc)
                     await asyncio.sleep(min(0.2 * 2**attempt, 5.0))
+
+
+def _alive(service: SupervisedService) -> bool:
+    pid = read_pid(service.pidfile)
+    return pid is not None and process_alive(pid)
+
+
+async def _kill_hung(service: SupervisedService, within_s: float = 5.0) -> None:
+    """SIGKILL the pidfile's process if it is still alive, and wait until it is gone."""
+    pid = read_pid(service.pidfile)
+    if pid is None or not process_alive(pid):
+        return
+    log.warning(
+        "%s (pid %d) is alive but unhealthy: killing it before the restart", service.name, pid
+    )
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.kill(pid, signal.SIGKILL)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while process_alive(pid) and loop.time() < deadline:  # noqa: ASYNC110 (no event for a death)
+        await asyncio.sleep(0.02)  # poll interval of a wait with a deadline
 
 
 async def _run(argv: Sequence[str], timeout_s: float) -> bool:
