@@ -98,3 +98,26 @@ async def test_a_malformed_event_is_skipped_not_fatal(tmp_path: Path) -> None:
     finally:
         await projector.stop()
         await log.close()
+
+
+async def test_an_unknown_event_type_still_moves_its_streams_version(tmp_path: Path) -> None:
+    """A fact this process has no class for (another component's, or a newer release's)
+    must not leave the stream behind: later commands on it would wait forever."""
+    from vim.eventlog.model import AppendRequest, NewEvent, StreamAppend
+
+    log = await SqlEventLog.open(f"sqlite:///{tmp_path}/log.db")
+    projector = Projector(log)
+    projector.start()
+    try:
+        runner = CommandRunner(log, projector.model)
+        await runner.run(ctx("r1"), create("good"))
+        sid = flavor.stream("good")
+        future = NewEvent("FlavorPolishedByANewerRelease", {"flavor_id": "good"})
+        await log.append(AppendRequest([StreamAppend(sid, 1, [future])]))
+        await projector.model.wait_for(2, 10)
+        entry = projector.model.get(sid)
+        assert entry is not None and entry.version == 2
+        assert entry.state.name == "m1"  # the last known state is kept
+    finally:
+        await projector.stop()
+        await log.close()

@@ -40,7 +40,9 @@ _ENUM_PREFIXES = (
     "IMAGE_STATUS_",
     "RESERVATION_STATUS_",
     "ALARM_STATE_",
-    "PERCEIVED_SEVERITY_",
+    "SEVERITY_",
+    "RESOURCE_TYPE_",
+    "EVENT_TYPE_",
     "ACK_STATE_",
 )
 

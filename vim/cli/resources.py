@@ -146,4 +146,5 @@ def add_common_verbs(group: typer.Typer, res: Resource) -> None:
 
             run(ctx, work)
 
-        group.command("delete", help=f"Delete a {res.noun}.")(delete)
+        article = "an" if res.noun[:1] in "aeiou" else "a"
+        group.command("delete", help=f"Delete {article} {res.noun}.")(delete)

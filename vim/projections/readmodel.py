@@ -80,6 +80,11 @@ class ReadModel:
         try:
             event = parse(e.type, e.data)
             if event is None:
+                # An event type this process does not know (another component's fact,
+                # or a newer release's): the stream's version still moves, or every
+                # later command on it would wait for a version that never comes.
+                if old is not None:
+                    self._put(kind, e.stream_id, Entry(e.version, old.state))
                 return
             state = evolve(old.state if old else None, event, e)
         except Exception:
