@@ -34,7 +34,12 @@ Method:
   again, until the API says it is UP.
 * The fault manager runs with ``--flap-max-failures 1000`` (a host failing every
   round would otherwise be held FENCED after its second failure, by design) and
-  otherwise its defaults; ``--etcd-tuned`` with ``--ttl 1`` shows the shorter lease.
+  otherwise its defaults: heartbeat suspicion on (``--heartbeat-interval`` 0.2 s,
+  ``--suspect-after`` 0.8 s; the agents answer on their management address);
+  ``--suspect-after 0`` is the lease alone; ``--compare-lease-only`` runs the
+  same rounds again in a fresh lab with ``--suspect-after 0`` and reports them
+  under ``lease_only`` in the same JSON line; ``--etcd-tuned`` with ``--ttl 1``
+  shows the shorter lease.
 
 Progress goes to stderr; the last stdout line is one JSON object with
 ``alarm_p50_s``, ``alarm_p99_s``, ``recovered_p50_s``, ``recovered_p99_s``,
@@ -286,7 +291,18 @@ async def one_round(
     return result
 
 
-async def run(rounds: int, n_servers: int, ttl: int, tuned: bool, workdir: Path) -> dict[str, Any]:
+async def run(
+    rounds: int,
+    n_servers: int,
+    ttl: int,
+    tuned: bool,
+    workdir: Path,
+    heartbeat: tuple[float, float] = (0.2, 0.8),
+) -> dict[str, Any]:
+    """One lab, `rounds` rounds; `heartbeat` is the fault manager's (interval, suspect
+    after), suspect after 0 meaning the lease alone."""
+    interval, suspect_after = heartbeat
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # see below: not while namespaces are made
     pg = await asyncio.to_thread(PostgresServer.start, fsync=True)
     lab: HostLab | None = None
     try:
@@ -301,7 +317,10 @@ async def run(rounds: int, n_servers: int, ttl: int, tuned: bool, workdir: Path)
             HOSTS,
             agent_ttl_s=ttl,
             etcd_tuned=tuned,
-            faultd_args=["--flap-max-failures", "1000"],
+            faultd_args=[
+                *("--flap-max-failures", "1000"),
+                *("--heartbeat-interval", str(interval), "--suspect-after", str(suspect_after)),
+            ],
         )
         # Only now: pyroute2 creates namespaces from a forked child, which a Python
         # SIGTERM handler inherited from here breaks.
@@ -342,7 +361,10 @@ async def run(rounds: int, n_servers: int, ttl: int, tuned: bool, workdir: Path)
         if lab is not None:
             await asyncio.to_thread(lab.stop)
         await asyncio.to_thread(pg.cleanup)
-    return summarize(results, sampler, alarms, ttl, tuned)
+    out = summarize(results, sampler, alarms, ttl, tuned)
+    out["heartbeat_interval_s"] = interval
+    out["suspect_after_s"] = suspect_after
+    return out
 
 
 def summarize(
@@ -401,13 +423,36 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="--heartbeat-interval=100 --election-timeout=500 (allows --ttl 1)",
     )
+    p.add_argument(
+        "--heartbeat-interval", type=float, default=0.2, help="vim-faultd's probe interval (s)"
+    )
+    p.add_argument(
+        "--suspect-after",
+        type=float,
+        default=0.8,
+        help="vim-faultd's heartbeat suspicion (s); 0: the lease alone",
+    )
+    p.add_argument(
+        "--compare-lease-only",
+        action="store_true",
+        help="then the same rounds in a fresh lab with --suspect-after 0 (JSON: lease_only)",
+    )
     a = p.parse_args(argv)
     rounds = a.rounds or (5 if a.quick else 20)
     if not 1 <= rounds <= 200 or not 3 <= a.servers <= 60:
         p.error("--rounds must be 1-200 and --servers 3-60")
 
+    heartbeat = (a.heartbeat_interval, a.suspect_after)
     with tempfile.TemporaryDirectory(prefix="vim-bench-hostfail-") as tmp:
-        result = asyncio.run(run(rounds, a.servers, a.ttl, a.etcd_tuned, Path(tmp)))
+        result = asyncio.run(
+            run(rounds, a.servers, a.ttl, a.etcd_tuned, Path(tmp) / "hb", heartbeat)
+        )
+        if a.compare_lease_only:
+            progress("lease-only comparison: the same rounds with --suspect-after 0")
+            lease = asyncio.run(
+                run(rounds, a.servers, a.ttl, a.etcd_tuned, Path(tmp) / "lease", (0.2, 0.0))
+            )
+            result["lease_only"] = {k: v for k, v in lease.items() if k != "servers_per_round"}
     emit_result({"benchmark": "host_failover", "quick": a.quick, **result})
 
 

@@ -21,12 +21,25 @@ itself alive (a SIGKILLed agent, a stuck one, a partitioned host).
   key never carries a lease we do not keep alive.
 * ``close()`` deletes the key and revokes the lease (best effort): a clean
   stop is not a failure. A crash leaves the key to expire by TTL.
+
+Heartbeats (faster than the lease, for suspicion only): an agent may publish a
+UDP endpoint in its record (``agent_endpoint = "udp://10.0.0.2:47001"``,
+`format_udp_endpoint`), answered by `vim.agent.heartbeat` and probed by the
+elected fault manager (`vim.faultd.heartbeat`). One datagram each way::
+
+    probe:  b"VHB1?" + nonce (8 bytes) + hostname (UTF-8)
+    answer: b"VHB1!" + nonce (8 bytes) + hostname (UTF-8)
+
+Anything else (another prefix, a short, oversized or non-UTF-8 datagram) is
+ignored by both sides (`parse_heartbeat`). An older record whose
+``agent_endpoint`` is not ``udp://IP:PORT`` means "no heartbeat: lease only".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -57,6 +70,13 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 
 _RENEWAL_ERRORS: tuple[type[BaseException], ...] = (CoordinatorUnavailable, *_TRANSIENT)
 """What a renewal may fail with without the keeper giving up (it retries)."""
+
+
+HEARTBEAT_PROBE = b"VHB1?"
+HEARTBEAT_ANSWER = b"VHB1!"
+NONCE_BYTES = 8
+MAX_DATAGRAM = 512
+UDP_SCHEME = "udp://"
 
 
 def liveness_key(hostname: str) -> str:
@@ -277,3 +297,60 @@ async def read_liveness(
     finally:
         await pool.close()
     return None if kv is None else LivenessRecord.decode(bytes(kv.value))
+
+
+# -- heartbeats (see the module docstring) ------------------------------------------------
+
+
+def probe_datagram(nonce: bytes, hostname: str) -> bytes:
+    """The probe the fault manager sends to `hostname`'s agent."""
+    return HEARTBEAT_PROBE + nonce + hostname.encode()
+
+
+def answer_datagram(nonce: bytes, hostname: str) -> bytes:
+    """The answer of `hostname`'s agent to the probe carrying `nonce`."""
+    return HEARTBEAT_ANSWER + nonce + hostname.encode()
+
+
+def parse_heartbeat(datagram: bytes, kind: bytes) -> tuple[bytes, str] | None:
+    """(nonce, hostname) of a `kind` datagram (`HEARTBEAT_PROBE` or `HEARTBEAT_ANSWER`);
+    None if it is not one."""
+    head = len(kind) + NONCE_BYTES
+    if len(datagram) > MAX_DATAGRAM or len(datagram) <= head or not datagram.startswith(kind):
+        return None
+    try:
+        name = datagram[head:].decode()
+    except UnicodeDecodeError:
+        return None
+    return datagram[len(kind) : head], name
+
+
+def format_udp_endpoint(host: str, port: int) -> str:
+    """``udp://HOST:PORT`` (an IPv6 address in brackets)."""
+    if ":" in host:
+        return f"{UDP_SCHEME}[{host}]:{port}"
+    return f"{UDP_SCHEME}{host}:{port}"
+
+
+def split_hostport(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` or ``[V6]:PORT`` -> (host, port); ValueError if malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    host = host.removeprefix("[").removesuffix("]")
+    if not host:
+        raise ValueError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+def parse_udp_endpoint(endpoint: str) -> tuple[str, int] | None:
+    """(IP, port) of a ``udp://IP:PORT`` agent endpoint; None for anything else
+    (another scheme or none, a name instead of an IP literal, port 0)."""
+    if not endpoint.startswith(UDP_SCHEME):
+        return None
+    try:
+        host, port = split_hostport(endpoint[len(UDP_SCHEME) :])
+        ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    return (host, port) if port else None

@@ -46,7 +46,7 @@ from typing import Any
 from ha.liveness import DEFAULT_TTL_S, LivenessKeeper, LivenessRecord
 from vim import telemetry
 from vim._gen.vim.v1 import hosts_pb2
-from vim.agent import observe, reports
+from vim.agent import heartbeat, observe, reports
 from vim.agent import reconcile as rc
 from vim.agent.apiclient import AgentApi
 from vim.agent.drivers import DomainEvent, DomainEventKind, DomainPower, HypervisorDriver
@@ -92,6 +92,9 @@ class AgentConfig:
     metrics_listen: str | None = None
     """Serve Prometheus metrics on HOST:PORT (`vim.agent.observe`); None: no endpoint."""
     metrics_port_file: Path | None = None
+    heartbeat_listen: str | None = None
+    """Answer the fault manager's UDP heartbeats on HOST:PORT (`vim.agent.heartbeat`);
+    None: no heartbeat endpoint (the lease only)."""
 
 
 def hypervisor_type(uri: str) -> int:
@@ -166,7 +169,18 @@ class Agent:
             log.warning("no switch (--ovs none): network plans are read but NOT applied")
         await self._retry("register the host", self._register)
         if cfg.etcd_endpoints:
-            record = LivenessRecord.here(cfg.hostname, cfg.management_address)
+            endpoint = cfg.management_address
+            if cfg.heartbeat_listen:
+                responder, published = await heartbeat.start_for_agent(
+                    cfg.hostname,
+                    cfg.heartbeat_listen,
+                    cfg.management_address,
+                    lambda: self.keeper is not None and self.keeper.proven_alive(),
+                )
+                if responder is not None:
+                    self._spawn(heartbeat.serve_until_cancelled(responder), "heartbeat")
+                    endpoint = published or endpoint
+            record = LivenessRecord.here(cfg.hostname, endpoint)
             self.keeper = LivenessKeeper(
                 cfg.etcd_endpoints, record, ttl_s=cfg.ttl_s, on_renewed=self.watchdog.renewed
             )
@@ -480,6 +494,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, str]:
     p.add_argument("--underlay-device", default=env("VIM_UNDERLAY_DEVICE"))
     p.add_argument("--underlay-ip", default=env("VIM_UNDERLAY_IP", ""))
     p.add_argument("--management-address", default=env("VIM_MANAGEMENT_ADDRESS", ""))
+    p.add_argument(
+        "--heartbeat-listen",
+        default=env("VIM_HEARTBEAT_LISTEN", ""),
+        help="answer the fault manager's UDP heartbeats on HOST:PORT, published in the "
+        "liveness record (default: the management address, any free port; 'none': the "
+        "lease only; env VIM_HEARTBEAT_LISTEN)",
+    )
     p.add_argument("--ttl", type=int, default=int(env("VIM_LIVENESS_TTL", str(DEFAULT_TTL_S))))
     p.add_argument("--resync", type=float, default=10.0, help="full resync period, seconds")
     p.add_argument("--vcpus", type=int, default=0, help="override libvirt's node info")
@@ -512,6 +533,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, str]:
         services = tuple(supervised(s) for s in a.supervise)
     except ValueError as exc:
         p.error(str(exc))
+    try:
+        heartbeat_listen = heartbeat.listen_address(a.heartbeat_listen, a.management_address)
+    except ValueError as exc:
+        p.error(f"--heartbeat-listen: {exc}")
     config = AgentConfig(
         hostname=a.hostname,
         api_endpoints=tuple(x for x in a.api.split(",") if x),
@@ -539,6 +564,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, str]:
         status_file=a.status_file,
         metrics_listen=listen,
         metrics_port_file=a.metrics_port_file,
+        heartbeat_listen=heartbeat_listen,
     )
     return config, a.log_level
 

@@ -7,10 +7,13 @@ vim-faultd --eventlog-url postgresql://... --etcd 10.0.0.1:2379,10.0.0.2:2379 \\
 ```
 
 With `--etcd` the fault manager is elected through etcd (role `faultd`) and
-watches the agents' liveness keys there. Without it (the embedded default) it
-uses the in-process elector and an in-process liveness registry: nothing fails
-then, because no agent holds a lease, and hosts without a lease are not
-suspected (`unleased_grace_s=None`).
+watches the agents' liveness keys there; while it leads it also probes every
+agent's UDP heartbeat endpoint every `--heartbeat-interval` (0.2 s) and
+suspects a host with a BMC driver whose agent has been silent for
+`--suspect-after` (0.8 s; 0: the lease only), see `vim.faultd.heartbeat`.
+Without it (the embedded default) it uses the in-process elector and an
+in-process liveness registry: nothing fails then, because no agent holds a
+lease, and hosts without a lease are not suspected (`unleased_grace_s=None`).
 
 It logs JSON lines, serves Prometheus metrics on `--metrics-listen`
 (`vim_faultd_*` from the manager's `Stats`, `vim_faultd_is_leader`,
@@ -48,6 +51,7 @@ from vim import telemetry
 from vim.domain import evacuation as ev
 from vim.eventlog.sql import SqlEventLog
 from vim.eventlog.store import EventLog
+from vim.faultd.heartbeat import DEFAULT_INTERVAL_S, DEFAULT_SUSPECT_AFTER_S, HeartbeatMonitor
 from vim.faultd.liveness import EtcdLiveness, LivenessSource, LocalLiveness
 from vim.faultd.service import ROLE, STATS_HELP, CompanionFactory, FaultdConfig, FaultManager
 from vim.projections.readmodel import Projector, ReadModel
@@ -134,11 +138,29 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default=1,
         help="maintenance: simultaneous migrations per affinity group (one VNF)",
     )
+    p.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=DEFAULT_INTERVAL_S,
+        help="while leading, probe every agent's UDP heartbeat endpoint this often (s); "
+        "costs hosts/interval probes per second",
+    )
+    p.add_argument(
+        "--suspect-after",
+        type=float,
+        default=DEFAULT_SUSPECT_AFTER_S,
+        help="suspect a host (with a BMC driver) whose agent has not answered for this long (s); "
+        "0: no heartbeat suspicion, the lease only",
+    )
     p.add_argument("--name", default="")
     p.add_argument("--log-level", default=env("VIM_LOG_LEVEL", "INFO"))
     telemetry.add_metrics_arguments(p)
     a = p.parse_args(argv)
     a.metrics_listen = telemetry.metrics_listen(p, a.metrics_listen)
+    if a.heartbeat_interval <= 0:
+        p.error("--heartbeat-interval must be > 0")
+    if a.suspect_after < 0 or 0 < a.suspect_after < 2 * a.heartbeat_interval:
+        p.error("--suspect-after must be 0 (disabled) or at least 2 heartbeat intervals")
     return a
 
 
@@ -164,6 +186,7 @@ async def serve(
     *,
     metrics: telemetry.ServiceMetrics | None = None,
     notifier: Notifier | None = None,
+    heartbeat: HeartbeatMonitor | None = None,
 ) -> None:
     """Open the log, follow it into a read model, and manage faults until cancelled."""
     notifier = notifier or Notifier.from_env()
@@ -181,6 +204,7 @@ async def serve(
         credentials=load_credentials(credentials_file),
         config=config,
         companions=companions,
+        heartbeat=heartbeat,
     )
     if metrics is not None:
         metrics.track_stats(manager.stats, descriptions=STATS_HELP)
@@ -231,7 +255,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     elector: Elector
     liveness: LivenessSource
+    heartbeat = None
     if endpoints:
+        if a.suspect_after > 0:
+            heartbeat = HeartbeatMonitor(a.heartbeat_interval, a.suspect_after)
         kw = {"prefix": a.election_prefix} if a.election_prefix else {}
         elector = EtcdElector(endpoints, ROLE, config.name, **kw)
         liveness = EtcdLiveness(endpoints, prefix=a.liveness_prefix)
@@ -244,7 +271,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(
                 serve(
-                    a.eventlog_url, elector, liveness, config, a.credentials_file, metrics=metrics
+                    a.eventlog_url,
+                    elector,
+                    liveness,
+                    config,
+                    a.credentials_file,
+                    metrics=metrics,
+                    heartbeat=heartbeat,
                 )
             )
     finally:

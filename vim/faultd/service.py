@@ -9,6 +9,11 @@ leader is refused by the log (`FencedOut`). While leading it:
    (expired) makes the host *suspected* at once; a registered host never seen
    with a lease is suspected `unleased_grace_s` after this term started (or it
    registered), which covers a loss that happened before this process started;
+   while leading it also probes the agents over UDP (`vim.faultd.heartbeat`):
+   a host with a usable OOB driver whose agent stopped answering is suspected
+   too, whichever comes first, and un-suspected when it answers again before
+   anything was recorded (once `HostFailureDetected` is recorded the fence goes
+   on: it is what makes a false suspicion safe);
 2. per suspected host, in one worker task that re-reads the state before each
    step (so it resumes wherever a previous leader stopped):
    - *detect*: probe the host's OOB endpoint (`ha.fencing`): it answers ->
@@ -75,6 +80,7 @@ from vim.domain.reservation import rfc3339
 from vim.errors import FencedOut, Unavailable, VersionConflict
 from vim.eventlog.model import AppendRequest, Metadata, NewEvent, StreamAppend
 from vim.eventlog.store import EventLog
+from vim.faultd.heartbeat import HeartbeatMonitor
 from vim.faultd.liveness import LivenessSource
 from vim.projections.readmodel import ReadModel, register_kind
 from vim.scheduler.planner import Failure, Planner, Snapshot, request_of
@@ -130,6 +136,7 @@ class Stats:
     held: int = 0
     migrations: int = 0
     conflicts: int = 0
+    heartbeat_suspected: int = 0
 
 
 STATS_HELP = {
@@ -142,6 +149,7 @@ STATS_HELP = {
     "held": "Hosts whose lease returned but that stay FENCED (flapping)",
     "migrations": "Maintenance migrations requested",
     "conflicts": "Appends refused by a version check (another writer moved first)",
+    "heartbeat_suspected": "Hosts suspected because their agent stopped answering heartbeats",
 }
 
 
@@ -175,6 +183,7 @@ class FaultManager:
         config: FaultdConfig | None = None,
         clock: Callable[[], datetime] = _utc_now,
         companions: Sequence[CompanionFactory] = (),
+        heartbeat: HeartbeatMonitor | None = None,
     ) -> None:
         self._log = log
         self._model = model
@@ -202,6 +211,11 @@ class FaultManager:
         """Host stream version at which HostDrained was seen recorded (saves re-reads)."""
         self._leadership: Leadership | None = None
         self.stats = Stats()
+        self._heartbeat = heartbeat
+        self._silent_since: dict[str, datetime] = {}
+        """Hosts whose agent stopped answering heartbeats -> when that was seen (wall)."""
+        if heartbeat is not None:
+            heartbeat.on_change = self._heartbeat_changed
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -262,6 +276,9 @@ class FaultManager:
         self._term_started = self._clock()
         companions = [make(self.leadership) for make in self._companions]
         running = [asyncio.create_task(c.run(), name="faultd-companion") for c in companions]
+        if self._heartbeat is not None and self._heartbeat.enabled:
+            self._heartbeat.set_targets(self._alive)
+            running.append(asyncio.create_task(self._heartbeat.run(), name="faultd-heartbeat"))
         try:
             while self._acting():
                 await self.reconcile()
@@ -308,10 +325,39 @@ class FaultManager:
                     log.info("liveness lease of %s lost", name)
             for name in view.alive:
                 self._lost_at.pop(name, None)
+            if self._heartbeat is not None:
+                self._heartbeat.set_targets(self._alive)
             self._poke()
 
+    def _heartbeat_changed(self) -> None:
+        """The heartbeat monitor's suspected set changed: note when, and look again."""
+        assert self._heartbeat is not None
+        now = self._clock()
+        silent = self._heartbeat.suspected()
+        for name in silent:
+            if name not in self._silent_since:
+                self._silent_since[name] = now
+                log.info("agent of %s stopped answering heartbeats", name)
+        for name in set(self._silent_since) - set(silent):
+            del self._silent_since[name]
+            log.info("agent of %s answers heartbeats again", name)
+        self._poke()
+
+    def _silent(self, hostname: str) -> bool:
+        """Suspected through heartbeats: its agent is silent and the host has a usable OOB
+        driver (a host that can only fence itself is judged by its lease alone: its
+        self-fence deadline counts from the lease's loss, see docs/FAULTS.md)."""
+        if hostname not in self._silent_since:
+            return False
+        entry = self._model.get(host.stream(hostname))
+        return (
+            entry is not None
+            and self._drivers.for_endpoint(entry.state.spec.bmc_endpoint) is not None
+        )
+
     def alive(self, hostname: str) -> bool:
-        return hostname in self._alive
+        """Its lease is held and its agent is not suspected through heartbeats."""
+        return hostname in self._alive and not self._silent(hostname)
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -354,6 +400,8 @@ class FaultManager:
         term, the later of the term's start and its registration, once the grace passed."""
         if hostname in self._lost_at:
             return self._lost_at[hostname]
+        if self._silent(hostname):
+            return self._silent_since[hostname]
         entry = self._model.get(host.stream(hostname))
         if entry is not None and entry.state.evacuation_requested:
             # An operator says the host is gone and no lease is seen: suspected now
@@ -442,7 +490,12 @@ class FaultManager:
             except TimeoutError:
                 answers = False
             word = "answers" if answers else "does not answer"
-            detail = f"lease lost; out-of-band endpoint {word} ({driver.method})"
+            lost = "lease lost"
+            if h.hostname not in self._lost_at and self._silent(h.hostname):
+                lost = "no heartbeat answer (lease still held)"
+            detail = f"{lost}; out-of-band endpoint {word} ({driver.method})"
+        if h.hostname not in self._lost_at and self.alive(h.hostname):
+            return True  # it answered again while we probed its BMC: nothing to record
         if h.evacuation_requested and h.hostname not in self._lost_at:
             why = f" ({h.evacuation_reason})" if h.evacuation_reason else ""
             detail = f"evacuation requested by an operator{why}, no lease seen; {detail}"
@@ -452,6 +505,8 @@ class FaultManager:
             return False
         if await self._append({host.stream(h.hostname): (version, events)}):
             self.stats.detected += 1
+            if h.hostname not in self._lost_at and self._silent(h.hostname):
+                self.stats.heartbeat_suspected += 1
             log.warning("host %s failed: %s (%s)", h.hostname, kind, detail)
         return True
 

@@ -22,7 +22,10 @@ What runs:
   log (PostgreSQL);
 * per host: its namespace and its ``vim-agent`` inside it, on its own libvirt
   ``test:///PATH`` node (the domains live inside the agent's connection, so
-  they die with the agent) and ``--ovs none``. A host in ``bmc_hosts`` is
+  they die with the agent) and ``--ovs none``; it answers the fault manager's
+  UDP heartbeats on its management address (the agent's default, any free
+  port; ``faultd_args`` such as ``--suspect-after 0`` tune or disable the
+  fault manager's side). A host in ``bmc_hosts`` is
   registered with ``bmc_endpoint=netns://<namespace>`` (fenced by
   ``NetnsPowerDriver``); the others have no endpoint (self-fencing only).
 
