@@ -33,7 +33,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ import pytest
 
 from tests.e2e.test_agents_api import AUTH, MEMBER, SECRET, Catalogue, allocation, populate
 from tests.integration.test_agent_supervision import vswitchd_service
+from tests.waiting import until
 from vim._gen.vim.v1 import compute_pb2, compute_pb2_grpc
 from vim.agent.domain_xml import tap_name
 from vim.agent.supervisor import SupervisedService, process_alive, read_pid
@@ -57,19 +58,6 @@ from vim.sdn.service import SdnConfig, SdnService
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 HOSTS = ("host1", "host2", "host3")
-
-
-async def until(what: str, check: Callable[[], Any], timeout_s: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 @dataclass

@@ -31,6 +31,7 @@ import pytest
 
 from ha.liveness import read_liveness
 from tests.e2e.test_agents_api import AUTH, MEMBER, SECRET, Catalogue, allocation, populate
+from tests.waiting import until
 from vim._gen.vim.v1 import compute_pb2, compute_pb2_grpc
 from vim.api.server import ApiConfig, ApiNode
 from vim.harness.etcd import EtcdCluster
@@ -39,20 +40,6 @@ from vim.scheduler.service import SchedulerConfig, SchedulerService
 
 pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
-
-
-async def until(what: str, check: Callable[[], Any], timeout_s: float = 20.0) -> Any:
-    """Poll `check` (sync or async) until it returns something truthy; fail after the deadline."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 @dataclass

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,24 +18,13 @@ import pytest
 
 from tests.e2e.test_agents_api import AUTH, MEMBER, SECRET, allocation, populate
 from tests.unit.test_agent_reconcile import FakeHypervisor
+from tests.waiting import until
 from vim._gen.vim.v1 import compute_pb2, compute_pb2_grpc
 from vim.agent.drivers import DomainEvent, DomainEventKind, DomainPower
 from vim.agent.sdnotify import Notifier
 from vim.agent.service import Agent, AgentConfig
 from vim.api.server import ApiConfig, ApiNode
 from vim.scheduler.service import SchedulerConfig, SchedulerService
-
-
-async def until(what: str, check: Any, timeout_s: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = check()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return got
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

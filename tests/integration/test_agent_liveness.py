@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from ha.liveness import (
     liveness_key,
     read_liveness,
 )
+from tests.waiting import until
 from vim.harness.etcd import EtcdCluster
 
 pytestmark = pytest.mark.etcd
@@ -39,15 +39,6 @@ def test_key_format() -> None:
     assert hostname_of("/vim/hosts//liveness") is None
     record = LivenessRecord("cmp-1", 42, "boot", "2026-11-22T08:00:00Z", "10.0.0.1")
     assert LivenessRecord.decode(record.encode()) == record
-
-
-async def until(what: str, check: object, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if await check():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def test_keeper_holds_renews_regrants_and_releases(etcd: EtcdCluster) -> None:

@@ -36,6 +36,7 @@ from typing import Any
 import pytest
 
 from ha.liveness import LivenessRecord, parse_udp_endpoint, read_liveness
+from tests import waiting
 from vim.domain import host as dhost
 from vim.eventlog.sql import SqlEventLog
 from vim.faultd.heartbeat import HeartbeatMonitor
@@ -48,16 +49,9 @@ TTL_S = 3
 INTERVAL_S, SUSPECT_AFTER_S = 0.2, 0.8
 
 
-async def until(what: str, check: Any, timeout_s: float = 20.0, every_s: float = 0.01) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        got = check()
-        if asyncio.iscoroutine(got):
-            got = await got
-        if got:
-            return got
-        await asyncio.sleep(every_s)
-    raise AssertionError(f"timed out waiting for {what}")
+async def until(what: str, check: Any, timeout_s: float = 30.0, every_s: float = 0.01) -> Any:
+    """`tests.waiting.until`, polling faster by default: these waits are timed."""
+    return await waiting.until(what, check, timeout_s, every_s)
 
 
 @pytest.fixture

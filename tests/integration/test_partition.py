@@ -39,6 +39,7 @@ from typing import Any
 import grpc
 import pytest
 
+from tests.waiting import until
 from vim._gen.vim.v1 import (
     compute_pb2,
     compute_pb2_grpc,
@@ -59,19 +60,6 @@ HOSTS = ("host1", "host2", "host3")
 VICTIM = "host1"
 TTL_S = 2
 POST_FENCE_HOLD_S = 2 * TTL_S  # the agent's default
-
-
-async def until(what: str, check: Any, timeout_s: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if asyncio.iscoroutine(last):
-            last = await last
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what} (last: {last!r})")
 
 
 @pytest.fixture
@@ -190,6 +178,13 @@ async def test_partitioned_host_self_fences_is_recovered_and_does_not_restart_af
             return h.state == hosts_pb2.HOST_STATE_UP
 
         await until("host1 UP again", up, timeout_s=20)
+        # The status file is written by passes; none runs while the agent is cut off, so
+        # wait for one after the healing before reading what its node runs.
+        await until(
+            "a pass after the healing",
+            lambda: (agent.status() or {}).get("passes", 0) > passes_before,
+            timeout_s=20,
+        )
         # Watch across the post-fence hold and a few passes more: host1's node never runs
         # the evacuated servers, which stay ACTIVE where they were rebuilt.
         await _never_runs(agent, doomed, max(healed_at + POST_FENCE_HOLD_S, time.monotonic()) + 3)
