@@ -390,7 +390,7 @@ async def test_migration_honours_the_constraints(world: World) -> None:
     )
     assert "capacity" in (err.details() or "")
     moving = await migrate("m6", pinned.server_id, compute_pb2.MIGRATION_TYPE_OFFLINE)
-    assert moving.task == "MIGRATING"
+    assert moving.task == "MIGRATING" and moving.migration_target == "cmp-2"
     live = await migrate("m7", free.server_id, compute_pb2.MIGRATION_TYPE_LIVE, "cmp-2")
     assert live.task == "MIGRATING"
     assert world.node.node is not None

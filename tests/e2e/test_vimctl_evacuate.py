@@ -167,6 +167,9 @@ def test_evacuate_a_failed_host_under_policy_none(lab: Lab) -> None:
     assert {s["host"] for s in moved.values()} <= {"cmp-b", "cmp-c"}
     assert all(s["outcome"] == "MOVED" for s in moved.values())
     assert cli.json("host", "servers", "cmp-a") == []
+    for sid in (VM1, VM2):
+        shown = cli.json("server", "show", sid)  # the rebuild is visible on the server
+        assert shown["recovery"] == "PLACED" and shown["evacuated_from"] == "cmp-a", shown
     ended = cli.json("events", "tail", "--type", "HostEvacuationEnded")
     assert [e["data"]["outcome"] for e in ended] == ["DONE"], ended
     requested = cli.json("events", "tail", "--type", "ServerEvacuationRequested")

@@ -194,6 +194,7 @@ async def test_append_while_down_is_unavailable_and_recovers(own_pg: PostgresSer
         with pytest.raises(EventLogUnavailable):
             await log.read_all()
         await asyncio.to_thread(own_pg.restart)
+        up = time.monotonic()
         # Unavailable is retryable: the pool reconnects in the background, with backoff.
         request = AppendRequest([StreamAppend("server-a", 1, [NewEvent("B", {})])])
         async with asyncio.timeout(30):
@@ -203,6 +204,7 @@ async def test_append_while_down_is_unavailable_and_recovers(own_pg: PostgresSer
                     break
                 except EventLogUnavailable:
                     await asyncio.sleep(0.1)  # retry backoff, not synchronisation
+        print(f"first append {time.monotonic() - up:.2f}s after PostgreSQL answered again")
         assert r.versions == {"server-a": 2}
     finally:
         await log.close()

@@ -561,7 +561,7 @@ _SERVER_FIELDS = frozenset(
         *("serverId", "name", "tenantId", "flavour", "imageId", "nics", "affinityGroupId"),
         *("zone", "host", "state", "task", "progress", "faultReason", "powerState"),
         *("desiredPowerState", "metadata", "priority", "watchdog", "migration"),
-        *("createdAt", "updatedAt"),
+        *("createdAt", "updatedAt", "recovery", "evacuatedFrom", "migrationTarget"),
     }
 )
 
@@ -605,6 +605,9 @@ def _server_fast(view: Mapping[str, Any]) -> pb.Server:
         watchdog=pb.WatchdogPolicy.Value(g("watchdog") or "WATCHDOG_POLICY_UNSPECIFIED"),
         created_at=g("createdAt", ""),
         updated_at=g("updatedAt", ""),
+        recovery=g("recovery", ""),
+        evacuated_from=g("evacuatedFrom", ""),
+        migration_target=g("migrationTarget", ""),
     )
     f = g("flavour")
     if f is not None:

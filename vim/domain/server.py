@@ -349,6 +349,9 @@ class Server:
             },
             "createdAt": self.created_at,
             "updatedAt": self.updated_at,
+            **({"recovery": self.recovery} if self.recovery else {}),
+            **({"evacuatedFrom": self.evacuated_from} if self.evacuated_from else {}),
+            **({"migrationTarget": self.migration_target} if self.migration_target else {}),
         }
 
 

@@ -34,6 +34,12 @@ visible. Readers reading `position > cursor` in order can never skip a late one.
 Failures: psycopg's OperationalError (refused, reset, admin shutdown, timeout) is
 EventLogUnavailable; after one, the pool's idle connections are checked, since a
 restarted server broke all of them at once. COMMIT failing is CommitUnknown.
+
+Reconnecting: psycopg_pool retries a failed connection after 1 s, then 2, 4, 8 s,
+which kept the log unavailable 6-10 s after a PostgreSQL restart that took ~1 s.
+The pool has no option for it; its backoff class attributes are the knob, set
+once at import (`_RECONNECT_*`): 0.1 s growing by 1.5 (attempts at about 0.1,
+0.25, 0.5, 0.8, 1.3, 2, 3 s ...), still bounded by the pool's reconnect timeout.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ from typing import Any
 import psycopg
 import psycopg.errors
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool.base import AttemptWithBackoff
 
 from vim.errors import EventLogUnavailable
 from vim.eventlog.backend import CommitUnknown
@@ -121,6 +128,12 @@ _WRITE_BATCH = (
 )
 """Step 2 of an optimistic batch: every write, positions from the head, one statement.
 Data-modifying CTEs all run to completion, after `h` (they read its base)."""
+
+
+_RECONNECT_INITIAL_S = 0.1
+_RECONNECT_BACKOFF = 1.5
+AttemptWithBackoff.INITIAL_DELAY = _RECONNECT_INITIAL_S
+AttemptWithBackoff.DELAY_BACKOFF = _RECONNECT_BACKOFF
 
 
 class PostgresBackend:

@@ -405,6 +405,9 @@ class Server(_message.Message):
     MIGRATION_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    RECOVERY_FIELD_NUMBER: _builtins.int
+    EVACUATED_FROM_FIELD_NUMBER: _builtins.int
+    MIGRATION_TARGET_FIELD_NUMBER: _builtins.int
     server_id: _builtins.str
     """server_id is the system-assigned id (a UUID)."""
     name: _builtins.str
@@ -438,6 +441,14 @@ class Server(_message.Message):
     created_at: _builtins.str
     """created_at and updated_at are RFC 3339 UTC times."""
     updated_at: _builtins.str
+    recovery: _builtins.str
+    """recovery is the rebuild after its host failed: empty (never), EVACUATING,
+    PLACED (scheduled on another host) or FAILED (fault_reason says why).
+    """
+    evacuated_from: _builtins.str
+    """evacuated_from names the failed host it was last evacuated from."""
+    migration_target: _builtins.str
+    """migration_target is the destination host of a migration in progress."""
     @_builtins.property
     def flavour(self) -> Global___ServerFlavour:
         """flavour is the copy of the flavour's sizes."""
@@ -478,10 +489,13 @@ class Server(_message.Message):
         migration: Global___MigrationConstraints | None = ...,
         created_at: _builtins.str = ...,
         updated_at: _builtins.str = ...,
+        recovery: _builtins.str = ...,
+        evacuated_from: _builtins.str = ...,
+        migration_target: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["flavour", b"flavour", "migration", b"migration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_group_id", b"affinity_group_id", "created_at", b"created_at", "desired_power_state", b"desired_power_state", "fault_reason", b"fault_reason", "flavour", b"flavour", "host", b"host", "image_id", b"image_id", "metadata", b"metadata", "migration", b"migration", "name", b"name", "nics", b"nics", "power_state", b"power_state", "priority", b"priority", "progress", b"progress", "server_id", b"server_id", "state", b"state", "task", b"task", "tenant_id", b"tenant_id", "updated_at", b"updated_at", "watchdog", b"watchdog", "zone", b"zone"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["affinity_group_id", b"affinity_group_id", "created_at", b"created_at", "desired_power_state", b"desired_power_state", "evacuated_from", b"evacuated_from", "fault_reason", b"fault_reason", "flavour", b"flavour", "host", b"host", "image_id", b"image_id", "metadata", b"metadata", "migration", b"migration", "migration_target", b"migration_target", "name", b"name", "nics", b"nics", "power_state", b"power_state", "priority", b"priority", "progress", b"progress", "recovery", b"recovery", "server_id", b"server_id", "state", b"state", "task", b"task", "tenant_id", b"tenant_id", "updated_at", b"updated_at", "watchdog", b"watchdog", "zone", b"zone"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
