@@ -302,3 +302,24 @@ def test_a_server_caught_mid_migration_gives_back_its_destination_claim() -> Non
         server.stream("s-mid"),
         host.stream("cmp-1"),
     }  # no migration: the other host is not touched
+
+
+def test_a_destination_failing_after_the_source_released_takes_the_server_with_it() -> None:
+    src = a_host()
+    dest = a_host("cmp-2")
+    dest = host.evolve(dest, host.claim(dest, "s-low", 2, 2048, 10))
+    moving = replace(a_server("s-low", 0), task="MIGRATING", migration_target="cmp-2")
+    released = server.evolve(moving, server.release_source(moving, "cmp-1", at(15))[0])
+    # Before the release the source runs it; after, only the destination may.
+    assert ev.runs_on(moving) == "cmp-1" and ev.runs_on(released) == "cmp-2"
+    dead_dest = failed_and_fenced(dest)
+    assert [s.server_id for s in ev.to_evacuate(dead_dest, [released])] == ["s-low"]
+    assert ev.to_evacuate(failed_and_fenced(src), [released]) == []  # nothing there
+    decided = ev.evacuate(dead_dest, released, "host failed", at(20), src)
+    # Both claims go back: the dead destination's and the source's.
+    assert set(decided) == {server.stream("s-low"), host.stream("cmp-1"), host.stream("cmp-2")}
+    after = server.evolve(released, decided[server.stream("s-low")][0])
+    assert after.host == "" and after.migration_target == "" and not after.migration_released
+    assert after.recovery == "EVACUATING" and after.evacuated_from == "cmp-2"
+    with pytest.raises(InvalidTransition):  # the source has no copy to evacuate
+        ev.evacuate(failed_and_fenced(src), released, "r", at(21), dead_dest)

@@ -194,9 +194,18 @@ def evacuation_order(on_host: Iterable[servers.Server]) -> list[servers.Server]:
     return sorted(live, key=lambda s: (-s.priority, s.created_at, s.server_id))
 
 
+def runs_on(s: servers.Server) -> str:
+    """The host whose failure takes `s` with it: its host, except once the source of a
+    migration has released it, when only the migration's target may run it (the
+    source has no copy left: its failure changes nothing, the target's loses it)."""
+    if servers.handing_off(s) and s.migration_released:
+        return s.migration_target
+    return s.host
+
+
 def to_evacuate(h: hosts.Host, all_servers: Iterable[servers.Server]) -> list[servers.Server]:
-    """The servers still assigned to a fenced host, in recovery order."""
-    return evacuation_order(s for s in all_servers if s.host == h.hostname)
+    """The servers a fenced host takes with it (`runs_on`), in recovery order."""
+    return evacuation_order(s for s in all_servers if runs_on(s) == h.hostname)
 
 
 def evacuate(
@@ -204,17 +213,18 @@ def evacuate(
     s: servers.Server,
     reason: str,
     now: str,
-    migration_target: hosts.Host | None = None,
+    migration_peer: hosts.Host | None = None,
 ) -> dict[str, list[DomainEvent]]:
     """Rebuild `s` elsewhere: the events per stream (server, and its claim on the host).
 
-    Refused unless the host is FENCED and the server is still assigned to it. A
-    server caught in a migration also gives back the claim on its destination
-    (`migration_target`, the host named by `s.migration_target`).
+    Refused unless the host is FENCED and the server runs there (`runs_on`). A
+    server caught in a migration also gives back its claim on the migration's other
+    host (`migration_peer`: the destination when the source failed, the source when
+    the destination failed after the source had released it).
     """
     if h.state is not hosts.HostState.FENCED:
         raise InvalidTransition(f"host {h.hostname} is {h.state}: evacuation needs FENCED")
-    if s.deleted or s.host != h.hostname:
+    if s.deleted or runs_on(s) != h.hostname:
         raise InvalidTransition(f"server {s.server_id} is not on {h.hostname}")
     out: dict[str, list[DomainEvent]] = {
         servers.stream(s.server_id): [
@@ -224,12 +234,25 @@ def evacuate(
     released = hosts.release(h, s.server_id)
     if released is not None:
         out[hosts.stream(h.hostname)] = [released]
-    target = migration_target
-    if target is not None and target.hostname == s.migration_target != h.hostname:
-        given_back = hosts.release(target, s.server_id)
+    peer = migration_peer
+    if (
+        peer is not None
+        and peer.hostname != h.hostname
+        and peer.hostname == migration_peer_of(s, h.hostname)
+    ):
+        given_back = hosts.release(peer, s.server_id)
         if given_back is not None:
-            out[hosts.stream(target.hostname)] = [given_back]
+            out[hosts.stream(peer.hostname)] = [given_back]
     return out
+
+
+def migration_peer_of(s: servers.Server, failed: str) -> str:
+    """The other host of a migration of `s` in progress, seen from `failed` ("" if none)."""
+    if not s.migration_target or s.migration_target == s.host:
+        return ""
+    if failed == s.host:
+        return s.migration_target
+    return s.host if failed == s.migration_target else ""
 
 
 def recovery_failed(s: servers.Server, now: str) -> ServerRecoveryFailed | None:
@@ -272,7 +295,7 @@ def evacuation_done(
     """End a request once the host is FENCED and no live server is assigned to it."""
     if not h.evacuation_requested or h.state is not hosts.HostState.FENCED:
         return []
-    if any(not s.deleted and s.host == h.hostname for s in on_host):
+    if any(not s.deleted and runs_on(s) == h.hostname for s in on_host):
         return []
     detail = "fenced; every server handed to the scheduler"
     return [hosts.HostEvacuationEnded(h.hostname, hosts.EvacuationOutcome.DONE, detail, now)]

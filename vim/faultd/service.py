@@ -580,7 +580,7 @@ class FaultManager:
         found = []
         for _, entry in self._model.of_kind(server.KIND):
             s: server.Server = entry.state
-            if s.host == h.hostname and not s.deleted:
+            if not s.deleted and ev.runs_on(s) == h.hostname:
                 found.append((s, entry.version))
         return found
 
@@ -622,9 +622,8 @@ class FaultManager:
             if current is None:
                 return False
             fenced: host.Host = current.state
-            target = (
-                self._model.get(host.stream(s.migration_target)) if s.migration_target else None
-            )
+            peer_name = ev.migration_peer_of(s, h.hostname)
+            target = self._model.get(host.stream(peer_name)) if peer_name else None
             decided = ev.evacuate(
                 fenced, s, reason, self._now(), target.state if target is not None else None
             )
