@@ -96,17 +96,22 @@ async def test_ensure_bridges_twice_builds_the_layout_once(
     assert _config(ovs) == first  # a repeat changes nothing
 
     bridges = {b["name"]: b for b in first["Bridge"]}
-    assert set(bridges) == {"br-int", "br-tun", "br-phy"}
+    assert set(bridges) == {"br-int", "br-tun", "br-phy", "br-prv"}
     assert all(b["datapath_type"] == "netdev" for b in bridges.values())
     assert bridges["br-tun"]["fail_mode"] == "secure"
+    assert bridges["br-prv"]["fail_mode"] == "secure"
     assert bridges["br-tun"]["external_ids"]["vim-local-ip"] == host.data_ip
     ifaces = {i["name"]: i for i in first["Interface"]}
     assert ifaces["patch-tun"]["type"] == "patch"
     assert ifaces["patch-tun"]["options"] == {"peer": "patch-int"}
     assert ifaces["patch-int"]["options"] == {"peer": "patch-tun"}
+    for name, peer in [("int-prv", "prv-int"), ("prv-phy", "phy-prv")]:
+        assert (ifaces[name]["type"], ifaces[name]["options"]) == ("patch", {"peer": peer})
+        assert ifaces[peer]["options"] == {"peer": name}
     assert ifaces[host.data_device]["mtu_request"] == 1600
-    assert _ports(ovs, "br-phy") == [host.data_device]
-    assert _ports(ovs, "br-int") == ["patch-tun"]
+    assert _ports(ovs, "br-phy") == sorted([host.data_device, "phy-prv"])
+    assert _ports(ovs, "br-int") == ["int-prv", "patch-tun"]
+    assert _ports(ovs, "br-prv") == ["prv-int", "prv-phy"]
     assert _ports(ovs, "br-tun") == ["patch-int"]
     # The kernel side: the endpoint address on br-phy, the kernel blind on the underlay link.
     addr = host.run(["ip", "-4", "-o", "addr", "show", "dev", "br-phy"]).stdout
@@ -127,7 +132,7 @@ async def test_ensure_port_twice_gives_one_tagged_port_with_ids(
     await driver.ensure_port(binding, "tap-a")
     assert _config(ovs) == before
 
-    assert _ports(ovs, "br-int") == ["patch-tun", "tap-a"]
+    assert _ports(ovs, "br-int") == ["int-prv", "patch-tun", "tap-a"]
     port = next(p for p in before["Port"] if p["name"] == "tap-a")
     assert port["tag"] == 5
     iface = next(i for i in before["Interface"] if i["name"] == "tap-a")
@@ -155,7 +160,7 @@ async def test_ensure_port_twice_gives_one_tagged_port_with_ids(
     assert [p.vlan_tag for p in await listed()] == [9]
     netdev.ensure_tap("tap-b", netns=host.netns)
     await driver.ensure_port(binding, "tap-b")
-    assert _ports(ovs, "br-int") == ["patch-tun", "tap-b"]
+    assert _ports(ovs, "br-int") == ["int-prv", "patch-tun", "tap-b"]
     assert [p.port_id for p in await listed()] == ["port-a"]
 
 
@@ -171,7 +176,7 @@ async def test_remove_port_twice_leaves_foreign_ports_alone(
     await driver.remove_port("port-a")
     await driver.remove_port("port-a")
     await driver.remove_port("never-existed")
-    assert _ports(ovs, "br-int") == ["patch-tun", "tap-x"]
+    assert _ports(ovs, "br-int") == ["int-prv", "patch-tun", "tap-x"]
     assert await driver.list_ports() == []
 
 
@@ -267,6 +272,61 @@ async def test_flows_are_cheap_to_repeat_and_come_back_after_vswitchd_restart(
     assert len(_our_flows(ovs)) == 13
 
 
+async def test_provider_flows_are_cheap_to_repeat_and_rewritten_when_foreign(
+    driver: OvsDriver, ovs: OvsSwitch, host: LabHost, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await driver.ensure_bridges(host.data_cidr)
+    await driver.ensure_tunnels([])
+    plan = [NET, NetworkPlanEntry("v", "vlan", 101, 6), NetworkPlanEntry("f", "flat", 0, 7)]
+    await driver.ensure_flows(plan)
+    target = ovs.mgmt_target("br-prv")
+
+    def ours() -> list[str]:
+        dump = ovs.ofctl("dump-flows", target, "--no-stats").splitlines()
+        return [line for line in dump if "cookie=0x" in line and "cookie=0x0," not in line]
+
+    flows = ours()
+    assert len(flows) == 5 and len({f.split(",")[0] for f in flows}) == 1
+    assert any("dl_vlan=6" in f and "mod_vlan_vid:101" in f for f in flows)
+    assert any("dl_vlan=101" in f and "mod_vlan_vid:6" in f for f in flows)
+    assert any("dl_vlan=7" in f and "strip_vlan" in f for f in flows)
+    assert len(_our_flows(ovs)) == 7 + 3  # br-tun: the vxlan network only
+    # A repeat only dumps (once per bridge) and writes nothing.
+    calls: list[tuple[str, ...]] = []
+    real = driver._ofctl
+
+    def spy(*args: str, stdin: str | None = None) -> str:
+        calls.append(args[:2])
+        return real(*args, stdin=stdin)
+
+    monkeypatch.setattr(driver, "_ofctl", spy)
+    await driver.ensure_flows(plan)
+    assert calls == [("dump-flows", ovs.mgmt_target("br-tun")), ("dump-flows", target)]
+    # A foreign flow makes it rewrite the table; the result is the same set.
+    ovs.ofctl("add-flow", target, "table=0,priority=1,dl_vlan=9,actions=drop")
+    await driver.ensure_flows(plan)
+    assert "dl_vlan=9" not in ovs.ofctl("dump-flows", target)
+    assert ours() == flows
+    # Dropping the provider networks leaves br-prv with its drop-all flow only.
+    await driver.ensure_flows([NET])
+    assert [f.split(", ", 1)[1] for f in ours()] == ["priority=0 actions=drop"]
+
+
+async def test_provider_networks_need_an_underlay(ovs: OvsSwitch, host: LabHost) -> None:
+    drv = OvsDriver(ovs.db_socket, run_dir=ovs.run_dir, netns=host.netns)
+    await drv.connect()
+    try:
+        await drv.ensure_bridges(host.data_cidr)
+        await drv.ensure_tunnels([])
+        with pytest.raises(InvalidInput) as bad:
+            await drv.ensure_flows([NET, NetworkPlanEntry("v", "vlan", 101, 6)])
+        assert {v.field for v in bad.value.violations} == {"networks.network_type"}
+        assert len(_our_flows(ovs)) == 10  # the VXLAN flows are installed regardless
+        assert "br-prv" not in ovs.vsctl("list-br").split()
+    finally:
+        await drv.close()
+
+
 async def test_missing_pieces_are_unavailable_not_crashes(ovs: OvsSwitch, host: LabHost) -> None:
     drv = OvsDriver(ovs.db_socket, run_dir=ovs.run_dir, underlay_device="nope0", netns=host.netns)
     await drv.connect()
@@ -277,7 +337,7 @@ async def test_missing_pieces_are_unavailable_not_crashes(ovs: OvsSwitch, host: 
         with pytest.raises(Unavailable):  # the underlay link does not exist
             await drv.ensure_bridges(host.data_cidr)
         # The database part is recorded regardless: a later pass can finish the job.
-        assert sorted(ovs.vsctl("list-br").split()) == ["br-int", "br-phy", "br-tun"]
+        assert sorted(ovs.vsctl("list-br").split()) == ["br-int", "br-phy", "br-prv", "br-tun"]
     finally:
         await drv.close()
     with pytest.raises(Unavailable):

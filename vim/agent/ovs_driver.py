@@ -2,19 +2,23 @@
 
 Role: converge one host's Open vSwitch (userspace ``netdev`` datapath) to what
 the SDN plan says: bridges, one port per server NIC, VXLAN tunnels to the
-other hosts, and the flows that map local VLAN tags to VNIs.
+other hosts, the flows that map local VLAN tags to VNIs, and the flows that
+map local VLAN tags to the provider VLANs (or to untagged, for flat networks)
+of the underlay.
 
 Layout (every bridge ``datapath_type=netdev``)::
 
     server NICs (tap/veth, access ports, tag = local VLAN)
         │
       br-int   (standalone: NORMAL switching, VLAN-aware)
-        │ patch-tun <-> patch-int (trunk)
-      br-tun   (fail_mode=secure: only our flows; VXLAN ports vx-<hex ip>,
-        │       remote_ip, local_ip, key=flow)
-        │ tunnel traffic is routed by OVS itself (its routes and ARP come
-        │ from the kernel tables of its namespace)
-      br-phy   (standalone) holds the underlay link; its internal port
+        │ patch-tun <-> patch-int (trunk)          │ int-prv <-> prv-int (trunk)
+      br-tun   (fail_mode=secure: only our flows;  br-prv  (fail_mode=secure: only our
+        │       VXLAN ports vx-<hex ip>,             │       flows; local VLAN <-> provider
+        │       remote_ip, local_ip, key=flow)       │       VLAN / untagged)
+        │ tunnel traffic is routed by OVS itself     │ prv-phy <-> phy-prv (trunk)
+        │ (its routes and ARP come from the kernel   │
+        │ tables of its namespace)                   │
+      br-phy   (standalone: NORMAL) holds the underlay link; its internal port
                carries the tunnel endpoint address (local_ip)
 
 br-tun flows (tables; every flow carries one cookie, a hash of the whole set)::
@@ -27,25 +31,47 @@ br-tun flows (tables; every flow carries one cookie, a hash of the whole set)::
        miss -> 22
     22 flood: dl_vlan=LV -> strip VLAN, set VNI, output every tunnel
 
+br-prv flows (one table, one cookie for the set; a pure translator between two
+patches, so no learning: br-int and br-phy switch on either side)::
+
+    0  vlan: in_port=prv-int,dl_vlan=LV  -> mod_vlan_vid:VID, output prv-phy
+             in_port=prv-phy,dl_vlan=VID -> mod_vlan_vid:LV,  output prv-int
+       flat: in_port=prv-int,dl_vlan=LV  -> strip_vlan,       output prv-phy
+             in_port=prv-phy,untagged (vlan_tci=0x0000/0x1fff) -> push LV, output prv-int
+       anything else (unknown VLAN, LOCAL)                     -> drop
+
+Provider networks: ``vlan`` (segmentation id = the 802.1Q VLAN on the
+underlay) and ``flat`` (untagged on the underlay: it shares the link with the
+tunnel endpoint's own traffic, as a flat network does). The host has one
+underlay link, so every provider network is on it (the plan's
+``physical_network`` does not reach the agent: one physical network per
+host). Why a separate secure bridge rather than flows in br-int and br-phy:
+after ovs-vswitchd restarts, br-int and br-phy fall back to NORMAL and keep
+VXLAN and the endpoint working, while br-prv, like br-tun, has no flows and
+drops: no frame crosses with an untranslated (host-local) tag until the
+reconcile pass reinstalls the translation. Without an underlay device there
+is no br-phy and no br-prv: provider networks are then invalid input.
+
 Invariants:
 
 * Every method is idempotent and converges from any starting point. Ports
   carry ``external_ids`` ``iface-id``/``vim-port-id``, ``vim-server-id``,
   ``vim-network-id``, ``attached-mac``; only ports carrying ``vim-port-id``
   are ours (listed, removed); others are never touched.
-* ``ensure_flows`` is cheap when nothing changed: one ``dump-flows``; it
-  rewrites the table (``del-flows`` then ``add-flows``; ``replace-flows``
-  does not work with this datapath) only when the flows carrying the expected
-  cookie are not exactly the expected count or a foreign flow exists. After
-  ovs-vswitchd restarts, br-tun has no flows: the next call reinstalls them
-  (a reconcile duty). Learned flows (table 20) are not ours to check.
+* ``ensure_flows`` is cheap when nothing changed: one ``dump-flows`` per
+  bridge (br-tun, br-prv); it rewrites a bridge's table (``del-flows`` then
+  ``add-flows``; ``replace-flows`` does not work with this datapath) only
+  when the flows carrying the expected cookie are not exactly the expected
+  count or a foreign flow exists. After ovs-vswitchd restarts, br-tun and
+  br-prv have no flows: the next call reinstalls them (a reconcile duty).
+  Learned flows (br-tun table 20) are not ours to check.
 * Database writes never wait for ovs-vswitchd (it may be dead: reconciling
   must still record the desired state); reads of ``ofport`` wait, bounded.
 * Blocking calls (the OVSDB IDL, netlink, ovs-ofctl) run in threads, never on
   the event loop. Bad specs raise :class:`vim.errors.InvalidInput` with field
   violations; an unreachable switch raises :class:`vim.errors.Unavailable`.
-* Only VXLAN networks get flows; "flat" and "vlan" networks (provider
-  bridges) are not implemented by this driver and are ignored.
+* Per host: local VLANs unique over all networks; VXLAN VNIs unique; provider
+  VLAN ids unique and in 1..4094; at most one flat network.
 """
 
 from __future__ import annotations
@@ -68,13 +94,20 @@ from vim.agent import netdev
 from vim.agent.drivers import NetworkPlanEntry, PortBinding, SwitchDriver, TunnelSpec
 from vim.errors import FieldViolation, InvalidInput, Unavailable
 
-__all__ = ["BR_INT", "BR_PHY", "BR_TUN", "OvsDriver"]
+__all__ = ["BR_INT", "BR_PHY", "BR_PRV", "BR_TUN", "OvsDriver"]
 
 BR_INT = "br-int"
 BR_TUN = "br-tun"
 BR_PHY = "br-phy"
+BR_PRV = "br-prv"
 PATCH_TUN = "patch-tun"  # on br-int
 PATCH_INT = "patch-int"  # on br-tun
+INT_PRV = "int-prv"  # on br-int, peer prv-int
+PRV_INT = "prv-int"  # on br-prv, peer int-prv
+PRV_PHY = "prv-phy"  # on br-prv, peer phy-prv
+PHY_PRV = "phy-prv"  # on br-phy, peer prv-phy
+_PATCHES = {INT_PRV: PRV_INT, PRV_INT: INT_PRV, PRV_PHY: PHY_PRV, PHY_PRV: PRV_PHY}
+_RESERVED = {BR_INT, BR_TUN, BR_PHY, BR_PRV, PATCH_TUN, PATCH_INT, *_PATCHES}
 TUNNEL_PREFIX = "vx-"
 
 EXT_PORT_ID = "vim-port-id"
@@ -144,7 +177,7 @@ def _validate_binding(binding: PortBinding, device: str) -> None:
         netdev.check_ifname(device)
     except ValueError as exc:
         violations.append(FieldViolation("device", str(exc)))
-    if device in (BR_INT, BR_TUN, BR_PHY, PATCH_TUN, PATCH_INT) or device.startswith(TUNNEL_PREFIX):
+    if device in _RESERVED or device.startswith(TUNNEL_PREFIX):
         violations.append(FieldViolation("device", "is a name the driver reserves"))
     if violations:
         raise InvalidInput(f"bad port binding {binding.port_id!r}", violations)
@@ -195,6 +228,28 @@ def build_flows(
     return flows
 
 
+def build_provider_flows(
+    int_ofport: int, phy_ofport: int, networks: Sequence[NetworkPlanEntry]
+) -> list[str]:
+    """The br-prv flow set (without cookies) for the flat and vlan ``networks``;
+    see the module docstring. ``int_ofport``/``phy_ofport``: br-prv's patches to
+    br-int and br-phy."""
+    flows = ["table=0,priority=0,actions=drop"]
+    for net in sorted(networks, key=lambda n: n.local_vlan):
+        lv = net.local_vlan
+        if net.network_type == "flat":
+            out, back = "strip_vlan", f"in_port={phy_ofport},vlan_tci=0x0000/0x1fff"
+        else:
+            vid = net.segmentation_id
+            out, back = f"mod_vlan_vid:{vid}", f"in_port={phy_ofport},dl_vlan={vid}"
+        flows += [
+            f"table=0,priority=10,in_port={int_ofport},dl_vlan={lv},"
+            f"actions={out},output:{phy_ofport}",
+            f"table=0,priority=10,{back},actions=mod_vlan_vid:{lv},output:{int_ofport}",
+        ]
+    return flows
+
+
 def flow_cookie(flows: Sequence[str]) -> int:
     """A non-zero 60-bit cookie naming exactly this flow set."""
     digest = hashlib.sha256("\n".join(flows).encode()).digest()
@@ -213,6 +268,29 @@ def _vxlan_networks(networks: Sequence[NetworkPlanEntry]) -> list[NetworkPlanEnt
         values = [getattr(n, attr) for n in chosen]
         if len(set(values)) != len(values):
             violations.append(FieldViolation(f"networks.{attr}", "must be unique per host"))
+    if violations:
+        raise InvalidInput("bad network plan", violations)
+    return chosen
+
+
+def _provider_networks(networks: Sequence[NetworkPlanEntry]) -> list[NetworkPlanEntry]:
+    """The flat and vlan networks of ``networks``, checked (local VLANs are checked
+    over every network: br-int is shared)."""
+    violations = []
+    for i, n in enumerate(networks):
+        if n.network_type == "vlan" and not 1 <= n.segmentation_id <= 4094:
+            violations.append(FieldViolation(f"networks[{i}].segmentation_id", "must be 1..4094"))
+        if n.network_type in ("flat", "vlan") and not 1 <= n.local_vlan <= 4094:
+            violations.append(FieldViolation(f"networks[{i}].local_vlan", "must be 1..4094"))
+    chosen = [n for n in networks if n.network_type in ("flat", "vlan")]
+    vids = [n.segmentation_id for n in chosen if n.network_type == "vlan"]
+    if len(set(vids)) != len(vids):
+        violations.append(FieldViolation("networks.segmentation_id", "VLAN ids must be unique"))
+    if sum(n.network_type == "flat" for n in chosen) > 1:
+        violations.append(FieldViolation("networks.network_type", "at most one flat network"))
+    lvs = [n.local_vlan for n in networks if n.network_type in ("flat", "vlan", "vxlan")]
+    if len(set(lvs)) != len(lvs):
+        violations.append(FieldViolation("networks.local_vlan", "must be unique per host"))
     if violations:
         raise InvalidInput("bad network plan", violations)
     return chosen
@@ -344,6 +422,16 @@ class OvsDriver:
                 api.add_port(BR_PHY, self._underlay, may_exist=True),
                 api.db_set("Interface", self._underlay, ("mtu_request", self._mtu)),
                 api.db_set("Interface", BR_PHY, ("mtu_request", self._mtu)),
+                api.add_br(BR_PRV, may_exist=True, datapath_type="netdev"),
+                api.db_set("Bridge", BR_PRV, ("datapath_type", "netdev"), ("fail_mode", "secure")),
+                api.add_port(BR_INT, INT_PRV, may_exist=True),
+                api.add_port(BR_PRV, PRV_INT, may_exist=True),
+                api.add_port(BR_PRV, PRV_PHY, may_exist=True),
+                api.add_port(BR_PHY, PHY_PRV, may_exist=True),
+            ]
+            cmds += [
+                api.db_set("Interface", name, ("type", "patch"), ("options", {"peer": peer}))
+                for name, peer in _PATCHES.items()
             ]
         self._execute(*cmds)
 
@@ -523,10 +611,41 @@ class OvsDriver:
     # --------------------------------------------------------------- flows
     async def ensure_flows(self, networks: Sequence[NetworkPlanEntry]) -> None:
         """Install exactly the br-tun flows for ``networks`` (VXLAN ones) and the
-        current tunnels; a no-op (one dump) when they are there already."""
+        current tunnels, and the br-prv flows for the flat and vlan ones; a no-op
+        (one dump per bridge) when they are there already.
+
+        Provider networks without an underlay device (no br-prv) are invalid
+        input, raised after the br-tun flows are installed.
+        """
         chosen = _vxlan_networks(networks)
+        provider = _provider_networks(networks)
         async with self._flow_lock:
             await self._call(self._ensure_flows, chosen)
+            if self._underlay is not None:
+                await self._call(self._ensure_provider_flows, provider)
+        if self._underlay is None and provider:
+            raise _bad("networks.network_type", "flat and vlan networks need an underlay device")
+
+    def _patch_ofports(self, bridge: str, names: Sequence[str]) -> list[int]:
+        """The ofports of ``names`` on ``bridge``, waiting (bounded) for ovs-vswitchd."""
+        deadline = time.monotonic() + self._timeout
+        while True:
+            on_bridge = self._bridge_ports(bridge)
+            ports: dict[str, int] = {}
+            for row in self._rows("Interface", ("name", "ofport")):
+                if row["name"] in on_bridge:
+                    of = row["ofport"]
+                    ports[row["name"]] = int(of[0] if isinstance(of, list) and of else of or 0)
+            found = [ports.get(n, 0) for n in names]
+            if all(p > 0 for p in found):
+                return found
+            if time.monotonic() > deadline:
+                raise Unavailable(f"{bridge} ports have no ofport: is ovs-vswitchd running?")
+            time.sleep(0.05)
+
+    def _ensure_provider_flows(self, networks: Sequence[NetworkPlanEntry]) -> None:
+        int_port, phy_port = self._patch_ofports(BR_PRV, (PRV_INT, PRV_PHY))
+        self._install(BR_PRV, build_provider_flows(int_port, phy_port, networks), None)
 
     def _ofports(self) -> tuple[int, list[int]]:
         """(patch-int's ofport, every tunnel's ofport), waiting (bounded) for
@@ -569,17 +688,24 @@ class OvsDriver:
 
     def _ensure_flows(self, networks: Sequence[NetworkPlanEntry]) -> None:
         patch, tunnels = self._ofports()
-        flows = build_flows(patch, tunnels, networks)
+        self._install(BR_TUN, build_flows(patch, tunnels, networks), T_UCAST)
+
+    def _install(self, bridge: str, flows: Sequence[str], learned_table: int | None) -> None:
+        """Make ``flows`` (one cookie) exactly the table of ``bridge``, besides
+        flows in ``learned_table``; one dump when they are there already."""
         cookie = flow_cookie(flows)
-        target = self.mgmt_target(BR_TUN)
-        if self._flows_match(self._ofctl("dump-flows", target), cookie, len(flows)):
+        target = self.mgmt_target(bridge)
+        dump = self._ofctl("dump-flows", target)
+        if self._flows_match(dump, cookie, len(flows), learned_table):
             return
         self._ofctl("del-flows", target)
         text = "".join(f"cookie={cookie:#x},{flow}\n" for flow in flows)
         self._ofctl("add-flows", target, "-", stdin=text)
 
     @staticmethod
-    def _flows_match(dump: str, cookie: int, count: int) -> bool:
+    def _flows_match(
+        dump: str, cookie: int, count: int, learned_table: int | None = T_UCAST
+    ) -> bool:
         ours = 0
         for line in dump.splitlines():
             c, t = _COOKIE.search(line), _TABLE.search(line)
@@ -587,7 +713,7 @@ class OvsDriver:
                 continue
             if int(c.group(1), 16) == cookie:
                 ours += 1
-            elif int(t.group(1)) != T_UCAST:
+            elif int(t.group(1)) != learned_table:
                 return False  # a foreign or stale flow
         return ours == count
 
