@@ -168,7 +168,7 @@ async def test_offline_migration_is_a_hand_off_never_on_two_hosts(
     with Sampler(src, dst, sid) as sampler:
         for there, back in ((dst, src),) * 3:
             for to, frm in ((there, back), (back, there)):
-                started = time.monotonic()
+                started, mark = time.monotonic(), sampler.samples
                 await migrate(cluster, sid, to.hostname)
                 await until(
                     "ACTIVE on the target", lambda h=to.hostname: settled_on(cluster, sid, h)
@@ -176,6 +176,9 @@ async def test_offline_migration_is_a_hand_off_never_on_two_hosts(
                 took.append((time.monotonic() - started) * 1000)
                 await until("the target's domain seen running", lambda to=to: running(to, sid))
                 await until("the source's domain seen gone", lambda frm=frm: domains(frm)() == {})
+                # A fast hand-off may fall between two samples: make sure the sampler ran
+                # across this one (it also sees the state right after it).
+                await until("sampled", lambda mark=mark: sampler.samples >= mark + 2)
     assert sampler.both == [], f"running on both hosts in {len(sampler.both)} samples"
     assert sampler.samples >= 12  # sampled through every hand-off
 
