@@ -10,9 +10,9 @@ Evidence asserted:
 
 * each agent publishes ``udp://<management ip>:<port>`` in its liveness record;
 * host1's links cut: a `HeartbeatMonitor` in this process (the fault manager's
-  own class) suspects it within suspect_after + interval (< 1.5 s), while its
+  own class) suspects it within suspect_after + interval (bounded by LIMIT_S), while its
   liveness key is still in etcd; the real `vim-faultd` records
-  `HostFailureDetected` "no heartbeat answer (lease still held)" within 1.5 s of
+  `HostFailureDetected` "no heartbeat answer (lease still held)" within LIMIT_S of
   the cut and fences it;
 * host2's agent SIGSTOPped (a stuck agent): it stops answering and is suspected
   while its key is still in etcd; SIGCONT: it answers again. The real
@@ -47,6 +47,9 @@ pytestmark = [pytest.mark.postgres, pytest.mark.etcd, pytest.mark.slow]
 HOSTS = ("host1", "host2")
 TTL_S = 3
 INTERVAL_S, SUSPECT_AFTER_S = 0.2, 0.8
+# Suspicion is due within SUSPECT_AFTER_S + INTERVAL_S (1.0 s); the bound leaves a loaded
+# 2-core machine a second of slack and stays below the lease (TTL_S: at least 2 s).
+LIMIT_S = 2.0
 
 
 async def until(what: str, check: Any, timeout_s: float = 30.0, every_s: float = 0.01) -> Any:
@@ -99,7 +102,7 @@ async def test_heartbeats_suspect_a_cut_host_and_a_stuck_agent_before_the_lease_
         await until("host1 suspected", lambda: "host1" in monitor.suspected(), 5)
         suspected_s = time.monotonic() - cut
         still = await read_liveness(etcd, "host1")
-        assert suspected_s < 1.5, suspected_s
+        assert suspected_s < LIMIT_S, suspected_s
         assert still is not None and still.pid == records["host1"].pid
         assert "host2" not in monitor.suspected()
 
@@ -111,7 +114,7 @@ async def test_heartbeats_suspect_a_cut_host_and_a_stuck_agent_before_the_lease_
 
         fact = await until("vim-faultd's HostFailureDetected", detected, 10, 0.05)
         assert fact.data["detail"].startswith("no heartbeat answer (lease still held)")
-        assert fact.recorded_at.timestamp() - cut_wall < 1.5
+        assert fact.recorded_at.timestamp() - cut_wall < LIMIT_S
 
         # A stuck agent: SIGSTOP, silent, suspected; its lease still there; SIGCONT: back.
         proc = lab.agents["host2"].proc
@@ -120,7 +123,7 @@ async def test_heartbeats_suspect_a_cut_host_and_a_stuck_agent_before_the_lease_
         proc.send_signal(signal.SIGSTOP)
         try:
             await until("host2 suspected", lambda: "host2" in monitor.suspected(), 5)
-            assert time.monotonic() - stopped < 1.5
+            assert time.monotonic() - stopped < LIMIT_S
             assert await read_liveness(etcd, "host2") is not None
         finally:
             proc.send_signal(signal.SIGCONT)
