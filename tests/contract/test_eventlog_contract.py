@@ -137,6 +137,25 @@ async def test_a_refused_append_does_not_sink_its_batch(event_log: SqlEventLog) 
     assert await event_log.head() == 21
 
 
+async def test_a_stale_append_does_not_refuse_a_current_one_in_its_batch(
+    event_log: SqlEventLog,
+) -> None:
+    """Refusals are decided on what the log holds: a stale append naming a stream
+    first in a batch does not make a later, current append on it look stale."""
+    await event_log.append(one("server-t", 0))
+    await event_log.append(one("server-s", 0))
+    stale = req(
+        StreamAppend("server-t", 0, [NewEvent("ServerUpdated", {})]),
+        StreamAppend("server-s", 0, [NewEvent("ServerUpdated", {})]),
+    )
+    appends = [one("server-t", 1, "ServerUpdated"), stale, one("server-s", 1, "ServerUpdated")]
+    results = await asyncio.gather(*map(event_log.append, appends), return_exceptions=True)
+    assert isinstance(results[1], VersionConflict)
+    assert not any(isinstance(r, BaseException) for r in (results[0], results[2])), results
+    assert await event_log.stream_version("server-s") == 2
+    assert await event_log.head() == 4
+
+
 async def test_repeated_request_id_returns_first_result_and_writes_nothing(
     event_log: SqlEventLog,
 ) -> None:
@@ -263,6 +282,71 @@ async def test_subscription_filters_by_type_and_kind(event_log: SqlEventLog) -> 
     assert [e.type for e in await event_log.read_all(types=["HostRegistered"])] == [
         "HostRegistered"
     ]
+
+
+async def test_own_and_other_writers_events_arrive_once_in_order_as_read_back(
+    open_log: Callable[..., Any],
+) -> None:
+    """A subscription takes its own process's appends from memory and reads the
+    rest: interleaved with another process's appends it still sees every position
+    once, in order, each event equal to what a read returns."""
+    here, there = await open_log(), await open_log()
+    n = 60
+    sub = here.subscribe()
+    got: list[RecordedEvent] = []
+
+    async def consume() -> None:
+        async for e in sub:
+            got.append(e)
+            if len(got) == 2 * n:
+                return
+
+    task = asyncio.create_task(consume())
+
+    async def write(log: SqlEventLog, name: str) -> None:
+        for i in range(n):
+            data = {"i": i, "by": name, "nested": {"x": [1, "ü"]}}
+            change = StreamAppend(f"server-{name}", ANY_VERSION, [NewEvent("ServerUpdated", data)])
+            await log.append(req(change, tenant="t", request_id=f"{name}-{i}", actor=name))
+
+    await asyncio.gather(write(here, "here"), write(there, "there"))
+    async with asyncio.timeout(10):
+        await task
+    await sub.close()
+    assert [e.position for e in got] == list(range(1, 2 * n + 1))
+    assert got == await here.read_all(limit=2 * n)
+    assert got == await there.read_all(limit=2 * n)
+    assert all(e.recorded_at.utcoffset() is not None for e in got)
+
+
+async def test_a_busy_writer_still_sees_another_processes_appends(
+    open_log: Callable[..., Any],
+) -> None:
+    """Appends of its own keep waking a subscription; it still reads what others
+    wrote (on SQLite, with no notifications, by the polling interval)."""
+    here, there = await open_log(), await open_log()
+    sub = here.subscribe(kinds=["host"])
+    stop = asyncio.Event()
+
+    async def busy() -> None:
+        i = 0
+        while not stop.is_set():
+            await here.append(one("server-busy", ANY_VERSION, "ServerUpdated", i=i))
+            i += 1
+            await asyncio.sleep(0.02)
+
+    writer = asyncio.create_task(busy())
+    try:
+        await asyncio.sleep(0.1)
+        await there.append(one("host-a", 0, "HostRegistered"))
+        async with asyncio.timeout(5):
+            async for e in sub:
+                assert e.stream_id == "host-a"
+                break
+    finally:
+        stop.set()
+        await writer
+        await sub.close()
 
 
 async def test_upcasters_read_old_schema_versions_forward(

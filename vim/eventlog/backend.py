@@ -53,7 +53,8 @@ class Backend(Protocol):
 
     async def lookup_request(self, request_id: str) -> StoredRequest | None: ...
 
-    async def follow(self, wake: Callable[[], None], stopped: Callable[[], bool]) -> None:
-        """Call `wake` whenever another process may have appended; return when stopped."""
+    async def follow(self, wake: Callable[[int | None], None], stopped: Callable[[], bool]) -> None:
+        """Call `wake(head)` whenever another process appended up to `head` (or
+        `wake(None)` when something may have been appended); return when stopped."""
 
     async def close(self) -> None: ...

@@ -3,8 +3,21 @@
 Array parameters go in binary (`%b`): the text format would escape every JSON
 string in Python, which was a third of an API node's CPU per allocation.
 
-An append batch is written optimistically, in two round trips of which only the
-last holds the log head lock:
+An append batch is first written in one round trip, on the versions its appends
+expect (`_write_assuming`): a command decides against a read model that follows
+the log, so its expected versions are nearly always the current ones. The
+statement is step 2 below with the first expected version of each stream as the
+state, plus a guard in the head update: no stream may be behind what an append
+expects (that would leave a gap in its versions), else the head is not moved and
+nothing is written. A stream ahead of what an append expects collides on the
+unique `(stream_id, version)`, a request id already recorded on its primary key:
+the statement rolls back. Either way, and whenever that decision refused an append
+(a refusal must be decided on what the log holds, not on an assumption), the
+batch is decided again as follows. Batches naming a stream at any version
+(`ANY_VERSION`) first in the batch go there directly.
+
+Otherwise an append batch is written optimistically, in two round trips of which
+only the last holds the log head lock:
 
 1. Without any lock, one statement reads the batch's stream versions and request
    ids. `plan_batch` decides every append against them, with positions counted
@@ -67,7 +80,7 @@ from vim.eventlog.batching import (
     StoredRequest,
     plan_batch,
 )
-from vim.eventlog.model import AppendResult, PreparedAppend
+from vim.eventlog.model import ANY_VERSION, AppendResult, PreparedAppend
 from vim.eventlog.store import EventLogConfig
 
 log = logging.getLogger(__name__)
@@ -110,6 +123,8 @@ A stored request's result is not read here: a repeat is rare and is answered by
 the locked path, which reads it under the lock."""
 _WRITE_BATCH = (
     "WITH h AS (UPDATE log_head SET position = position + %b::bigint WHERE id = 1 "
+    "AND NOT EXISTS (SELECT 1 FROM unnest(%b::text[], %b::int[]) AS x(s, v) "
+    "LEFT JOIN streams st ON st.stream_id = x.s WHERE coalesce(st.version, 0) < x.v) "
     "RETURNING position - %b::bigint AS base), "
     "ev AS (INSERT INTO events (position, stream_id, version, event_id, type, schema_version, "
     "data, metadata, recorded_at) SELECT h.base + e.o, e.s, e.v, e.i, e.t, e.sv, e.d, e.m, e.a "
@@ -127,7 +142,9 @@ _WRITE_BATCH = (
     "SELECT h.base, pg_notify('" + NOTIFY_CHANNEL + "', (h.base + %b::bigint)::text) FROM h"
 )
 """Step 2 of an optimistic batch: every write, positions from the head, one statement.
-Data-modifying CTEs all run to completion, after `h` (they read its base)."""
+Data-modifying CTEs all run to completion, after `h` (they read its base); when
+the guard in `h` finds a stream behind an assumed version, `h` is empty and so is
+every insert (and the result)."""
 
 
 _RECONNECT_INITIAL_S = 0.1
@@ -186,10 +203,49 @@ class PostgresBackend:
         """Connections are in autocommit mode: BEGIN and COMMIT travel in the pipelines."""
         async with self._conn("append") as conn:
             if _optimistic(batch):
+                assumed = _assumed_versions(batch)
+                if assumed is not None:
+                    outcomes = await self._write_assuming(conn, batch, assumed)
+                    if outcomes is not None:
+                        return outcomes
                 outcomes = await self._decide_and_write_optimistic(conn, batch)
                 if outcomes is not None:
                     return outcomes
             return await self._decide_and_write_locked(conn, batch)
+
+    async def _write_assuming(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        batch: Sequence[PreparedAppend],
+        assumed: dict[str, int],
+    ) -> list[Outcome] | None:
+        """The batch written in one statement on the versions its appends expect
+        (module docstring); None when it must be decided on what the log holds."""
+        outcomes, w = plan_batch(batch, LogState(0, dict(assumed), {}, {}), datetime.now(UTC))
+        if not w.events or not all(isinstance(o, AppendResult) for o in outcomes):
+            return None
+        return await self._write_planned(conn, outcomes, w, assumed)
+
+    async def _write_planned(
+        self,
+        conn: psycopg.AsyncConnection[Any],
+        outcomes: list[Outcome],
+        w: BatchWrites,
+        assumed: dict[str, int],
+    ) -> list[Outcome] | None:
+        """`_WRITE_BATCH`; None when nothing was written (a stale read or assumption)."""
+        try:
+            cur = await conn.execute(_WRITE_BATCH, _write_params(w, assumed))
+            row = await cur.fetchone()
+        except psycopg.errors.UniqueViolation:
+            return None  # the read was stale: nothing was written, decide under the lock
+        except psycopg.OperationalError as exc:
+            # The connection died while the one statement (and its commit) ran.
+            raise CommitUnknown() from exc
+        if row is None:
+            return None  # the guard: a stream behind what was assumed
+        base = int(row[0])
+        return [_shifted(o, base) for o in outcomes]
 
     async def _decide_and_write_optimistic(
         self, conn: psycopg.AsyncConnection[Any], batch: Sequence[PreparedAppend]
@@ -209,17 +265,7 @@ class PostgresBackend:
         outcomes, w = plan_batch(batch, state, now)
         if not w.events:
             return outcomes
-        try:
-            cur = await conn.execute(_WRITE_BATCH, _write_params(w))
-            row = await cur.fetchone()
-        except psycopg.errors.UniqueViolation:
-            return None  # the read was stale: nothing was written, decide under the lock
-        except psycopg.OperationalError as exc:
-            # The connection died while the one statement (and its commit) ran.
-            raise CommitUnknown() from exc
-        assert row is not None, "log_head row missing: the schema was not migrated"
-        base = int(row[0])
-        return [_shifted(o, base) for o in outcomes]
+        return await self._write_planned(conn, outcomes, w, {})
 
     async def _decide_and_write_locked(
         self, conn: psycopg.AsyncConnection[Any], batch: Sequence[PreparedAppend]
@@ -315,8 +361,11 @@ class PostgresBackend:
         rows = await self._rows("lookup_request", q, (request_id,))
         return StoredRequest(*rows[0]) if rows else None
 
-    async def follow(self, wake: Callable[[], None], stopped: Callable[[], bool]) -> None:
-        """LISTEN on a connection of its own; reconnect until stopped. Hints only."""
+    async def follow(self, wake: Callable[[int | None], None], stopped: Callable[[], bool]) -> None:
+        """LISTEN on a connection of its own; reconnect until stopped. Hints only.
+
+        A notification's payload is the head its transaction committed (every
+        position up to it is visible: the head lock is released only at commit)."""
         while not stopped():
             try:
                 conn = await psycopg.AsyncConnection.connect(
@@ -324,9 +373,9 @@ class PostgresBackend:
                 )
                 async with conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    wake()  # whatever was committed while we were not listening
-                    async for _ in conn.notifies():
-                        wake()
+                    wake(None)  # whatever was committed while we were not listening
+                    async for n in conn.notifies():
+                        wake(int(n.payload) if n.payload.isdigit() else None)
             except (psycopg.Error, OSError) as exc:
                 log.debug("event log listener reconnecting: %s", exc)
             await asyncio.sleep(self._config.retry_backoff_s)
@@ -351,14 +400,27 @@ def _optimistic(batch: Sequence[PreparedAppend]) -> bool:
     return True
 
 
-def _write_params(w: BatchWrites) -> list[Any]:
+def _assumed_versions(batch: Sequence[PreparedAppend]) -> dict[str, int] | None:
+    """Each stream at the version the first append naming it expects; None when one
+    is first named at any version (nothing to assume)."""
+    versions: dict[str, int] = {}
+    for p in batch:
+        for s in p.streams:
+            if s.stream_id not in versions:
+                if s.expected_version == ANY_VERSION:
+                    return None
+                versions[s.stream_id] = s.expected_version
+    return versions
+
+
+def _write_params(w: BatchWrites, assumed: dict[str, int]) -> list[Any]:
     """`_WRITE_BATCH`'s parameters: positions in `w` are offsets from the head."""
     n = w.head
     events = [list(col) for col in zip(*w.events, strict=True)]
     streams = [(k, v, p) for k, (v, p) in w.streams.items()]
     stream_cols = [list(col) for col in zip(*streams, strict=True)]
     rq: list[list[Any]] = [list(col) for col in zip(*w.requests, strict=True)] or [[]] * 5
-    return [n, n, *events, *stream_cols, *rq, n]
+    return [n, list(assumed), list(assumed.values()), n, *events, *stream_cols, *rq, n]
 
 
 def _shifted(outcome: Outcome, base: int) -> Outcome:

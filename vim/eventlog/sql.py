@@ -11,6 +11,17 @@ hint that something was appended: the in-process writer's commit, a PostgreSQL
 NOTIFY (sent inside the append transaction, so delivered only on commit), or the
 polling interval, whichever comes first. Hints can be lost; positions cannot.
 
+What a process appended itself is not read back. After each commit the writer
+keeps the batch's events, decoded exactly as a read would decode them, in a
+bounded window by position (`_Recent`). A subscription whose next position is in
+that window takes it from there; it reads the database only for positions it has
+not got: up to the head another process announced (a NOTIFY's payload is the
+head its transaction committed), after a hint that carried no head (the listener
+reconnected), and at least once every polling interval (SQLite has no
+notifications, and hints can be lost). An API node answering an append waits
+for its read model to apply it: this turns that wait from a database round trip
+and a decode into a dictionary lookup.
+
 Failures: backends raise `EventLogUnavailable` for a database that cannot be
 reached. A batch that failed before COMMIT is retried once (a restarted server
 breaks pooled connections, and the second attempt gets a fresh one); a failure
@@ -25,7 +36,9 @@ import contextlib
 import functools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Collection, Mapping
+from datetime import UTC
 from typing import Any
 
 import sqlalchemy as sa
@@ -53,6 +66,23 @@ log = logging.getLogger(__name__)
 def _metadata(raw: str) -> Metadata:
     """Every event of one append shares its metadata text: decode it once."""
     return Metadata.from_json(json.loads(raw))
+
+
+class _Recent:
+    """The last events this process appended, by position: a bounded window."""
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._by_position: dict[int, RecordedEvent] = {}
+
+    def add(self, e: RecordedEvent) -> None:
+        by_position = self._by_position
+        by_position[e.position] = e
+        if len(by_position) > self._capacity:
+            del by_position[next(iter(by_position))]  # the oldest added
+
+    def get(self, position: int) -> RecordedEvent | None:
+        return self._by_position.get(position)
 
 
 class _Notifier:
@@ -104,10 +134,22 @@ class SqlEventLog:
             max_appends=config.max_batch_appends,
             max_events=config.max_batch_events,
         )
+        self._recent = _Recent(config.recent_events)
+        self._known_head = 0
+        """The highest head this process knows committed: its own, or a NOTIFY's."""
+        self._read_epoch = 0
+        """Moves on a hint without a head: every subscription then reads."""
         self._closed = False
         self._follower = asyncio.create_task(
-            backend.follow(self._notifier.notify, lambda: self._closed), name="eventlog-follow"
+            backend.follow(self._hinted, lambda: self._closed), name="eventlog-follow"
         )
+
+    def _hinted(self, head: int | None) -> None:
+        if head is None:
+            self._read_epoch += 1
+        elif head > self._known_head:
+            self._known_head = head
+        self._notifier.notify()
 
     @classmethod
     async def open(
@@ -152,9 +194,43 @@ class SqlEventLog:
                 if attempt == 2 or self._closed:
                     raise
                 continue
+            self._remember(batch, outcomes)
             self._notifier.notify()
             return outcomes
         raise AssertionError("unreachable")
+
+    def _remember(self, batch: list[PreparedAppend], outcomes: list[Outcome]) -> None:
+        """Keep a committed batch's events for this process's subscriptions, built
+        from the rows it wrote (positions and versions as `plan_batch` gave them)."""
+        for p, o in zip(batch, outcomes, strict=True):
+            if not isinstance(o, AppendResult) or o.replayed:
+                continue
+            rows: list[EventRow] = []
+            position = o.first_position
+            for s in p.streams:
+                version = o.versions[s.stream_id] - len(s.events)
+                for e in s.events:
+                    version += 1
+                    rows.append(
+                        (
+                            position,
+                            s.stream_id,
+                            version,
+                            e.event_id,
+                            e.type,
+                            e.schema_version,
+                            e.data_json,
+                            p.metadata_json,
+                            o.recorded_at,
+                        )
+                    )
+                    position += 1
+            if position != o.last_position + 1:  # not as planned: let readers read it
+                log.error("append result %s does not match its events; not kept", o)
+                continue
+            for row in rows:
+                self._recent.add(self._decode(row))
+            self._known_head = max(self._known_head, o.last_position)
 
     # -- reading ---------------------------------------------------------------------
 
@@ -202,11 +278,20 @@ class SqlEventLog:
                 raise
             return await fn(*args)
 
+    async def _read_after(self, after: int, limit: int) -> list[RecordedEvent]:
+        """`read_all` for subscriptions: events this process wrote are not decoded again."""
+        rows = await self._retry(self._backend.events_after, after, limit, None)
+        recent = self._recent
+        return [recent.get(r[0]) or self._decode(r) for r in rows]
+
     def _decode(self, r: EventRow) -> RecordedEvent:
         data: Mapping[str, Any] = json.loads(r[6])
         version = r[5]
         if self._upcasters:
             version, data = self._upcasters.upcast(r[4], version, data)
+        at = r[8]
+        if at.tzinfo is not UTC:  # the session's time zone: one representation everywhere
+            at = at.astimezone(UTC)
         return RecordedEvent(
             position=r[0],
             stream_id=r[1],
@@ -216,7 +301,7 @@ class SqlEventLog:
             schema_version=version,
             data=data,
             metadata=_metadata(r[7]),
-            recorded_at=r[8],
+            recorded_at=at,
         )
 
     async def close(self) -> None:
@@ -261,26 +346,52 @@ class _Subscription:
         )
 
     async def _iterate(self) -> AsyncIterator[RecordedEvent]:
-        cfg = self._log.config
-        while not (self._closed or self._log._closed):
-            hint = self._log._notifier.current()  # taken before reading: no lost wake-up
-            try:
-                batch = await self._log.read_all(after=self._position, limit=cfg.read_batch)
-            except EventLogUnavailable as exc:
-                log.warning("subscription at %d waits for the event log: %s", self._position, exc)
-                await asyncio.sleep(cfg.retry_backoff_s)
-                continue
-            for e in batch:
+        log_ = self._log
+        cfg = log_.config
+        recent = log_._recent
+        must_read = True  # catch up from the database first
+        epoch = log_._read_epoch
+        last_read = 0.0
+        while not (self._closed or log_._closed):
+            hint = log_._notifier.current()  # taken before reading: no lost wake-up
+            # What this process appended itself, when it continues the cursor.
+            e = recent.get(self._position + 1)
+            while e is not None:
+                self._position = e.position
                 if self._wanted(e):
-                    self._position = e.position
                     yield e
                     if self._closed:
                         return
-            if batch:
-                self._position = batch[-1].position
-            if len(batch) < cfg.read_batch:
-                # asyncio.timeout, not wait_for: wait_for (3.11) can swallow a cancellation
-                # that races with the hint, leaving a closed stream's task running.
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(cfg.poll_interval_s):
-                        await hint.wait()
+                e = recent.get(self._position + 1)
+            now = time.monotonic()
+            if epoch != log_._read_epoch or now - last_read >= cfg.poll_interval_s:
+                epoch = log_._read_epoch
+                must_read = True
+            if must_read or self._position < log_._known_head:
+                last_read = now
+                try:
+                    batch = await log_._read_after(self._position, cfg.read_batch)
+                except EventLogUnavailable as exc:
+                    log.warning(
+                        "subscription at %d waits for the event log: %s", self._position, exc
+                    )
+                    await asyncio.sleep(cfg.retry_backoff_s)
+                    continue
+                for e in batch:
+                    if self._wanted(e):
+                        self._position = e.position
+                        yield e
+                        if self._closed:
+                            return
+                if batch:
+                    self._position = batch[-1].position
+                if len(batch) == cfg.read_batch:
+                    continue  # more to catch up
+                must_read = False
+            # asyncio.timeout, not wait_for: wait_for (3.11) can swallow a cancellation
+            # that races with the hint, leaving a closed stream's task running.
+            try:
+                async with asyncio.timeout(cfg.poll_interval_s):
+                    await hint.wait()
+            except TimeoutError:
+                must_read = True  # hints can be lost: poll

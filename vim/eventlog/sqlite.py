@@ -146,7 +146,7 @@ class SqliteBackend:
         rid, fingerprint, result = tuple(rows[0])
         return StoredRequest(rid, fingerprint, result)
 
-    async def follow(self, wake: Callable[[], None], stopped: Callable[[], bool]) -> None:
+    async def follow(self, wake: Callable[[int | None], None], stopped: Callable[[], bool]) -> None:
         """SQLite has no notifications: other processes are seen by polling alone."""
 
     async def close(self) -> None:

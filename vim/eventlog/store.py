@@ -32,6 +32,8 @@ class EventLogConfig:
     retry_backoff_s: float = 0.2
     pool_size: int = 10
     connect_timeout_s: float = 5.0
+    recent_events: int = 4096
+    """How many of its own last appended events a process keeps for its subscriptions."""
 
 
 class Subscription(Protocol):
