@@ -1012,8 +1012,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--workers",
         type=int,
-        default=os.cpu_count() or 1,
-        help="worker processes per node, `vim-api --workers` (default: the cores, %(default)s)",
+        default=max(1, (os.cpu_count() or 1) - 1),
+        help="worker processes per node, `vim-api --workers` (default as vim-api's on "
+        "PostgreSQL: the cores but one, %(default)s)",
     )
     parser.add_argument(
         "--callgrind",
