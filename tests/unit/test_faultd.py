@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from vim.domain import affinity, host, server
 from vim.domain import evacuation as ev
 from vim.domain.base import DomainEvent
 from vim.domain.faults import HostSelfFenced
+from vim.domain.reservation import parse_time, rfc3339
 from vim.eventlog.model import ANY_VERSION, AppendRequest, Metadata, NewEvent, StreamAppend
 from vim.eventlog.sql import SqlEventLog
 from vim.eventlog.store import EventLog
@@ -424,3 +426,32 @@ async def test_maintenance_drains_the_host_within_each_servers_constraints(rig: 
         assert time.monotonic() < deadline, f"no HostDrained: {types}"
         await asyncio.sleep(0.05)
     assert types.count("HostDrained") == 1 and rig.faultd.stats.migrations == 3
+
+
+@pytest.mark.faultd(migration_release_timeout_s=0.5)
+async def test_a_migration_the_source_never_releases_is_abandoned(rig: Rig) -> None:
+    """Nobody releases vm-low (no agent here): after the timeout the fault manager
+    gives the migration up, the target's claim back, and leaves the server on cmp-0."""
+    s = rig.server("vm-low")
+    target = rig.host("cmp-3")
+    requested = server.migrate(s, server.MigrationType.OFFLINE, "cmp-3", rfc3339(utcnow()))
+    claim = host.claim(target, "vm-low", 1, 512, 10)
+    await append(rig.log, {server.stream("vm-low"): [requested], host.stream("cmp-3"): [claim]})
+    await until(lambda: "vm-low" in rig.host("cmp-3").claims, 5, "the target claimed")
+    await until(lambda: not rig.server("vm-low").migration_target, 10, "migration abandoned")
+    after = rig.server("vm-low")
+    assert (after.host, after.task) == ("cmp-0", "")
+    assert "vm-low" not in rig.host("cmp-3").claims
+    assert "vm-low" in rig.host("cmp-0").claims
+    records = await rig.log.read_all(after=0, limit=10_000)
+    [gave_up] = [e for e in records if e.type == "ServerMigrationAbandoned"]
+    [released] = [e for e in records if e.type == "HostResourcesReleased"]
+    assert released.position == gave_up.position + 1  # one append
+    assert gave_up.data["target_host"] == "cmp-3" and "0.5 s" in gave_up.data["reason"]
+    waited = parse_time(gave_up.data["abandoned_at"]) - parse_time(requested.requested_at)
+    assert waited.total_seconds() >= 0.5
+    assert rig.faultd.stats.migrations_abandoned == 1
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)

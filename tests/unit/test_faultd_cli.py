@@ -51,3 +51,10 @@ def test_credentials_file(tmp_path: Path) -> None:
     f.write_text("- just a list\n")
     with pytest.raises(ValueError, match="expected a mapping"):
         load_credentials(str(f))
+
+
+def test_migration_timeout_option() -> None:
+    assert _parse([]).migration_timeout == 300.0
+    assert _parse(["--migration-timeout", "45"]).migration_timeout == 45.0
+    with pytest.raises(SystemExit):
+        _parse(["--migration-timeout", "0"])

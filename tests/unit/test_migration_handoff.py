@@ -8,12 +8,13 @@ record it, and a repeat decides nothing (`vim.domain.server`, `vim.app.agents`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
 import vim.api.compute  # noqa: F401  (registers the server kind the read model folds)
 from vim.app import agents as app
+from vim.domain import evacuation as ev
 from vim.domain import server
 from vim.domain.base import DomainEvent
 from vim.domain.server import PowerState, ServerState
@@ -132,3 +133,54 @@ def test_desired_state_roles_and_the_fingerprint_wakes_the_target() -> None:
     assert app.desired(after, "cmp-2").fingerprint() != tgt.fingerprint()
     settled = fold(history()[:3])
     assert app.migration_role(settled, "cmp-1") == "" and app.may_start(settled, "cmp-1")
+
+
+def at(text: str, seconds: float = 0.0) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) + timedelta(seconds=seconds)
+
+
+def test_a_migration_its_source_never_releases_is_abandoned_after_the_timeout() -> None:
+    s = fold(history())
+    assert s.migration_requested_at == T1
+    assert ev.migration_stalled(s, at(T1, 59.9), 60) is None  # still in time
+    abandoned = ev.migration_stalled(s, at(T1, 60), 60)
+    assert abandoned is not None
+    assert (abandoned.source_host, abandoned.target_host) == ("cmp-1", "cmp-2")
+    assert "cmp-1 did not release" in abandoned.reason
+    after = server.evolve(s, abandoned)
+    assert (after.host, after.task, after.migration_target) == ("cmp-1", "", "")
+    assert not after.migration_released and after.migration_requested_at == ""
+    assert not server.handing_off(after)
+    # The source owns the server again: its reports count, the old target's do not.
+    assert server.report_state(after, "cmp-1", ServerState.ACTIVE, PowerState.SHUTDOWN, T2)
+    with pytest.raises(DomainError):
+        server.report_state(after, "cmp-2", ServerState.ACTIVE, PowerState.RUNNING, T2)
+    assert ev.migration_stalled(after, at(T1, 3600), 60) is None  # nothing left to abandon
+
+
+def test_a_released_migration_is_never_abandoned() -> None:
+    released = fold([*history(), *server.release_source(fold(history()), "cmp-1", T2)])
+    assert released.migration_released
+    assert ev.migration_stalled(released, at(T1, 3600), 60) is None
+    with pytest.raises(DomainError):
+        server.abandon_migration(released, "late", T2)
+
+
+def test_a_request_time_without_zone_is_utc_and_one_unreadable_is_never_timed_out() -> None:
+    naive = fold(
+        [
+            *history()[:-1],
+            server.ServerMigrationRequested(
+                SID, "OFFLINE", "cmp-1", "cmp-2", 0, "2024-01-01T00:01:00"
+            ),
+        ]
+    )
+    assert ev.migration_stalled(naive, at(T1, 59), 60) is None
+    assert ev.migration_stalled(naive, at(T1, 61), 60) is not None
+    garbled = fold(
+        [
+            *history()[:-1],
+            server.ServerMigrationRequested(SID, "OFFLINE", "cmp-1", "cmp-2", 0, "yesterday"),
+        ]
+    )
+    assert ev.migration_stalled(garbled, at(T1, 3600), 60) is None

@@ -43,7 +43,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from vim.domain import host as hosts
 from vim.domain import server as servers
@@ -57,6 +57,7 @@ from vim.domain.faults import (
     HostSelfFenced,
     ServerRecoveryFailed,
 )
+from vim.domain.reservation import rfc3339
 from vim.errors import InvalidTransition
 
 EVACUATING = "EVACUATING"
@@ -253,6 +254,31 @@ def migration_peer_of(s: servers.Server, failed: str) -> str:
     if failed == s.host:
         return s.migration_target
     return s.host if failed == s.migration_target else ""
+
+
+def migration_stalled(
+    s: servers.Server, now: datetime, timeout_s: float
+) -> servers.ServerMigrationAbandoned | None:
+    """A migration whose source has not released the server `timeout_s` after it was
+    requested: abandon it (the server stays where it runs). None while it may still
+    complete, once released (the target has it then: a failing target is a host
+    fault), and for a migration recorded before its request time was kept."""
+    if not servers.handing_off(s) or s.migration_released or not s.migration_requested_at:
+        return None
+    try:
+        requested = parse_time(s.migration_requested_at)
+    except ValueError:
+        return None  # a time this cannot read: nothing to measure the wait against
+    if requested.tzinfo is None:
+        requested = requested.replace(tzinfo=UTC)
+    waited = (now - requested).total_seconds()
+    if waited < timeout_s:
+        return None
+    reason = (
+        f"source host {s.host} did not release the server within {timeout_s:g} s "
+        f"of the migration to {s.migration_target}"
+    )
+    return servers.abandon_migration(s, reason, rfc3339(now))
 
 
 def recovery_failed(s: servers.Server, now: str) -> ServerRecoveryFailed | None:

@@ -179,6 +179,18 @@ class ServerMigrationSourceReleased(DomainEvent):
 
 
 @dataclass(frozen=True, slots=True)
+class ServerMigrationAbandoned(DomainEvent):
+    """A migration its source never released in time: the server stays on the source
+    (which still holds it), the target's claim is given back in the same append."""
+
+    server_id: str
+    source_host: str
+    target_host: str
+    reason: str = ""
+    abandoned_at: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class ServerScheduled(DomainEvent):
     server_id: str
     host: str
@@ -288,6 +300,7 @@ class Server:
     migration_released: bool = False
     """The migration's source host has stopped and removed its copy (the target may start)."""
     migration_released_at: str = ""
+    migration_requested_at: str = ""
     evacuated_from: str = ""
     """The failed host the server was last evacuated from (empty if never)."""
     recovery: str = ""
@@ -403,6 +416,7 @@ def _reported(s: Server, e: ServerStateReported) -> Server:
         migration_target="",
         migration_released=False,
         migration_released_at="",
+        migration_requested_at="",
         updated_at=e.reported_at or s.updated_at,
     )
 
@@ -438,7 +452,18 @@ def evolve(state: Server | None, event: DomainEvent, _recorded: object = None) -
                 migration_target=event.target_host,
                 migration_released=False,
                 migration_released_at="",
+                migration_requested_at=event.requested_at,
                 updated_at=event.requested_at,
+            )
+        case ServerMigrationAbandoned():
+            return replace(
+                state,
+                task="" if state.task == "MIGRATING" else state.task,
+                migration_target="",
+                migration_released=False,
+                migration_released_at="",
+                migration_requested_at="",
+                updated_at=event.abandoned_at or state.updated_at,
             )
         case ServerMigrationSourceReleased():
             return replace(
@@ -468,6 +493,7 @@ def evolve(state: Server | None, event: DomainEvent, _recorded: object = None) -
                 migration_target="",
                 migration_released=False,
                 migration_released_at="",
+                migration_requested_at="",
                 evacuated_from=event.from_host,
                 recovery="EVACUATING",
                 updated_at=event.requested_at,
@@ -655,6 +681,15 @@ def handing_off(s: Server) -> bool:
         and bool(s.migration_target)
         and s.migration_target != s.host
     )
+
+
+def abandon_migration(s: Server, reason: str, now: str) -> ServerMigrationAbandoned:
+    """Give up a migration whose source has not released the server: it stays there."""
+    if not handing_off(s) or s.migration_released:
+        raise InvalidTransition(
+            f"server {s.server_id} has no migration waiting for its source to release it"
+        )
+    return ServerMigrationAbandoned(s.server_id, s.host, s.migration_target, reason, now)
 
 
 def release_source(s: Server, host: str, now: str) -> list[DomainEvent]:

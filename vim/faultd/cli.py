@@ -139,6 +139,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="maintenance: simultaneous migrations per affinity group (one VNF)",
     )
     p.add_argument(
+        "--migration-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a migration may wait for its source host to release the server "
+        "before it is abandoned (the server stays on the source)",
+    )
+    p.add_argument(
         "--heartbeat-interval",
         type=float,
         default=DEFAULT_INTERVAL_S,
@@ -161,6 +168,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         p.error("--heartbeat-interval must be > 0")
     if a.suspect_after < 0 or 0 < a.suspect_after < 2 * a.heartbeat_interval:
         p.error("--suspect-after must be 0 (disabled) or at least 2 heartbeat intervals")
+    if not a.migration_timeout > 0:
+        p.error("--migration-timeout must be > 0 seconds")
     return a
 
 
@@ -251,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         flap=ev.FlapPolicy(a.flap_window, a.flap_max_failures),
         evacuation_interval_s=a.evacuation_interval,
         drain=ev.DrainPolicy(max(1, a.max_migrations_per_group)),
+        migration_release_timeout_s=a.migration_timeout,
         name=a.name or base.name,
     )
     elector: Elector

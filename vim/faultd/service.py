@@ -40,7 +40,12 @@ leader is refused by the log (`FencedOut`). While leading it:
      unless the host is flapping (`FlapPolicy`), in which case it is held FENCED;
 3. records `ServerRecoveryFailed` for an evacuated server the scheduler could
    not place (ERROR, with the scheduler's reason);
-4. drains hosts in maintenance (planned evacuation, `evacuation.drain_step`):
+4. abandons a migration whose source host (UP or in maintenance, not failed:
+   a failed host's migrations are its recovery's business) has not released
+   the server `migration_release_timeout_s` after it was requested
+   (`ServerMigrationAbandoned`, with the target's claim given back in the same
+   append; the server stays where it runs, and a drain asks again);
+5. drains hosts in maintenance (planned evacuation, `evacuation.drain_step`):
    each server is migrated LIVE where it allows it, cold (OFFLINE) where it
    states no interruption bound, else `ServerDrainBlocked`; at most
    `drain.max_per_group` migrations per affinity group at a time. The
@@ -115,6 +120,8 @@ class FaultdConfig:
     evacuation_interval_s: float = 0.0
     """Pause between two evacuations of one host (spreads a rebuild storm)."""
     reconcile_interval_s: float = 1.0
+    migration_release_timeout_s: float = 300.0
+    """A migration its source has not released this long after the request is abandoned."""
     static_token: int | None = None
     """Fencing token when running without an elector (None: no fencing metadata)."""
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
@@ -135,6 +142,7 @@ class Stats:
     rejoined: int = 0
     held: int = 0
     migrations: int = 0
+    migrations_abandoned: int = 0
     conflicts: int = 0
     heartbeat_suspected: int = 0
 
@@ -148,9 +156,13 @@ STATS_HELP = {
     "rejoined": "Fenced hosts back UP after their lease returned",
     "held": "Hosts whose lease returned but that stay FENCED (flapping)",
     "migrations": "Maintenance migrations requested",
+    "migrations_abandoned": "Migrations abandoned: the source did not release the server in time",
     "conflicts": "Appends refused by a version check (another writer moved first)",
     "heartbeat_suspected": "Hosts suspected because their agent stopped answering heartbeats",
 }
+
+
+_SOURCE_STATES = (host.HostState.UP, host.HostState.MAINTENANCE)
 
 
 class Companion(Protocol):
@@ -374,6 +386,7 @@ class FaultManager:
                 task = asyncio.create_task(self._work(h.hostname), name=f"faultd-{h.hostname}")
                 self._workers[h.hostname] = task
         await self._record_recovery_failures()
+        await self._abandon_stalled_migrations()
 
     def _key(self, hostname: str) -> tuple[int, bool]:
         """What a host's worker decided on: its stream version and liveness. A host in
@@ -734,6 +747,31 @@ class FaultManager:
             if await self._append({server.stream(s.server_id): (entry.version, [failed])}):
                 self.stats.recovery_failed += 1
                 log.error("server %s could not be recovered: %s", s.server_id, failed.reason)
+
+    async def _abandon_stalled_migrations(self) -> None:
+        now = self._clock()
+        timeout = self.config.migration_release_timeout_s
+        for _, entry in self._model.of_kind(server.KIND):
+            if not self._acting():
+                return
+            s: server.Server = entry.state
+            abandoned = ev.migration_stalled(s, now, timeout)
+            if abandoned is None:
+                continue
+            source = self._model.get(host.stream(s.host))
+            if source is None or source.state.state not in _SOURCE_STATES:
+                continue  # a failed source: detection, fencing and evacuation decide
+            streams: dict[str, tuple[int, list[DomainEvent]]] = {
+                server.stream(s.server_id): (entry.version, [abandoned])
+            }
+            target = self._model.get(host.stream(s.migration_target))
+            if target is not None:
+                released = host.release(target.state, s.server_id)
+                if released is not None:
+                    streams[host.stream(s.migration_target)] = (target.version, [released])
+            if await self._append(streams):
+                self.stats.migrations_abandoned += 1
+                log.warning("migration of %s abandoned: %s", s.server_id, abandoned.reason)
 
     # -- appends -----------------------------------------------------------------------
 
