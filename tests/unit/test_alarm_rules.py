@@ -196,6 +196,19 @@ FACTS: list[tuple[DomainEvent, tuple[str, str, str, str, str, str, str, str]]] =
             "capacity",
         ),
     ),
+    (
+        srv.ServerMigrationAbandoned(SID, "cmp-1", "cmp-2", "not released in 300 s", AT),
+        (
+            "SERVER",
+            SID,
+            "acme",
+            "VM_MIGRATION_FAILURE",
+            "MAJOR",
+            "PROCESSING_ERROR_ALARM",
+            "TIMEOUT_EXPIRED",
+            "migration-abandoned",
+        ),
+    ),
 ]
 
 
@@ -246,6 +259,10 @@ CLEARS: list[tuple[DomainEvent, DomainEvent]] = [
     (ServerRecoveryFailed(SID, "cmp-1", NO_HOST, AT), srv.ServerScheduled(SID, "cmp-3")),
     (srv.ServerSchedulingFailed(SID, NO_HOST, AT), srv.ServerScheduled(SID, "cmp-3")),
     (CRASH, srv.ServerTerminated(SID, AT)),
+    (
+        srv.ServerMigrationAbandoned(SID, "cmp-1", "cmp-2", "not released", AT),
+        srv.ServerMigrationSourceReleased(SID, "cmp-1", AT),
+    ),
 ]
 
 

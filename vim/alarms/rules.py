@@ -26,7 +26,10 @@ the alarm is active updates it, the fact that ends the condition clears it):
   UNDERLYING_RESOURCE_UNAVAILABLE (RESOURCE_AT_OR_NEARING_CAPACITY when no host
   had room); cleared by ServerScheduled or RUNNING;
 - ServerSchedulingFailed "no valid host..." -> `capacity`, MAJOR, QOS,
-  RESOURCE_AT_OR_NEARING_CAPACITY; cleared by ServerScheduled (a placement).
+  RESOURCE_AT_OR_NEARING_CAPACITY; cleared by ServerScheduled (a placement);
+- ServerMigrationAbandoned -> `migration-abandoned`, MAJOR, PROCESSING_ERROR,
+  TIMEOUT_EXPIRED (the source host never released the server); cleared by a
+  later ServerMigrationSourceReleased (a source that could release it).
 
 The full table is in docs/ALARMS.md. ServerTerminated clears every active alarm of the server.
 
@@ -83,6 +86,8 @@ FACT_TYPES: frozenset[str] = frozenset(
         "ServerScheduled",
         "ServerStateReported",
         "ServerTerminated",
+        "ServerMigrationAbandoned",
+        "ServerMigrationSourceReleased",
     }
 )
 """Every event type a rule reads (the reactor subscribes to these only)."""
@@ -217,6 +222,13 @@ RECOVERY_FAILURE = Spec(
     al.Severity.CRITICAL,
     al.EventType.PROCESSING_ERROR_ALARM,
     al.ProbableCause.UNDERLYING_RESOURCE_UNAVAILABLE,
+)
+MIGRATION_ABANDONED = Spec(
+    "migration-abandoned",
+    al.FaultType.VM_MIGRATION_FAILURE,
+    al.Severity.MAJOR,
+    al.EventType.PROCESSING_ERROR_ALARM,
+    al.ProbableCause.TIMEOUT_EXPIRED,
 )
 CAPACITY = Spec(
     "capacity",
@@ -452,6 +464,23 @@ def _reported(e: DomainEvent, pos: int, now: str, book: AlarmBook) -> _Decider:
     return d
 
 
+def _migration_abandoned(e: DomainEvent, pos: int, now: str, book: AlarmBook) -> _Decider:
+    assert isinstance(e, srv.ServerMigrationAbandoned)
+    d = _d(book, pos, now, e.abandoned_at, [e.reason])
+    tenant = book.tenant(e.server_id)
+    d.raise_or_update(
+        SERVER, e.server_id, MIGRATION_ABANDONED, hostname=e.source_host, tenant=tenant
+    )
+    return d
+
+
+def _source_released(e: DomainEvent, pos: int, now: str, book: AlarmBook) -> _Decider:
+    assert isinstance(e, srv.ServerMigrationSourceReleased)
+    d = _d(book, pos, now, e.released_at, [])
+    d.clear(SERVER, e.server_id, MIGRATION_ABANDONED.cause, f"released by {e.host}")
+    return d
+
+
 def _terminated(e: DomainEvent, pos: int, now: str, book: AlarmBook) -> _Decider:
     assert isinstance(e, srv.ServerTerminated)
     d = _d(book, pos, now, e.terminated_at, [])
@@ -474,5 +503,7 @@ _HANDLERS: dict[str, Callable[[DomainEvent, int, str, AlarmBook], _Decider]] = {
     "ServerScheduled": _scheduled,
     "ServerStateReported": _reported,
     "ServerTerminated": _terminated,
+    "ServerMigrationAbandoned": _migration_abandoned,
+    "ServerMigrationSourceReleased": _source_released,
 }
 assert frozenset(_HANDLERS) == FACT_TYPES

@@ -239,7 +239,7 @@ class Alarm(_message.Message):
     fault_type: _builtins.str
     """fault_type: HOST_HARDWARE_FAILURE, COMPUTE_NODE_FAILURE, HOST_SERVICE_FAILURE,
     HOST_SELF_FENCED, HOST_FENCE_FAILURE, VM_WATCHDOG, VM_CRASH, VM_RECOVERY_FAILURE,
-    CAPACITY_EXHAUSTION.
+    VM_MIGRATION_FAILURE, CAPACITY_EXHAUSTION.
     """
     probable_cause: _builtins.str
     """probable_cause is an X.733 probable cause (upper snake case)."""
