@@ -37,6 +37,7 @@ import functools
 import json
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Collection, Mapping
 from datetime import UTC
 from typing import Any
@@ -74,12 +75,17 @@ class _Recent:
     def __init__(self, capacity: int) -> None:
         self._capacity = capacity
         self._by_position: dict[int, RecordedEvent] = {}
+        self._order: deque[int] = deque()
+        """Positions by age: `next(iter(dict))` would walk the deleted slots at the
+        front of a dict that only ever loses its oldest entries."""
 
     def add(self, e: RecordedEvent) -> None:
-        by_position = self._by_position
-        by_position[e.position] = e
-        if len(by_position) > self._capacity:
-            del by_position[next(iter(by_position))]  # the oldest added
+        if e.position in self._by_position:
+            return
+        self._by_position[e.position] = e
+        self._order.append(e.position)
+        if len(self._order) > self._capacity:
+            del self._by_position[self._order.popleft()]
 
     def get(self, position: int) -> RecordedEvent | None:
         return self._by_position.get(position)
