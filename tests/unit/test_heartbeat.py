@@ -32,7 +32,7 @@ from vim.agent import heartbeat as agent_hb
 from vim.domain import host, server
 from vim.eventlog.sql import SqlEventLog
 from vim.faultd.cli import _parse
-from vim.faultd.heartbeat import HeartbeatMonitor, Heartbeats
+from vim.faultd.heartbeat import HeartbeatMonitor, Heartbeats, destination, probe_socket
 from vim.faultd.liveness import LocalLiveness
 from vim.faultd.service import FaultdConfig, FaultManager
 from vim.projections.readmodel import Projector, ReadModel
@@ -312,6 +312,42 @@ async def test_the_monitor_probes_real_responders_over_one_socket() -> None:
         for r in responders.values():
             r.close()
     assert not monitor.running
+
+
+async def test_one_monitor_socket_probes_ipv4_and_ipv6_agents() -> None:
+    """The wildcard bind is dual-stack: an agent answering on ::1 and one on 127.0.0.1
+    are both armed through the same socket."""
+    responders = {
+        "v4": await agent_hb.start_responder("v4", "127.0.0.1:0", lambda: True),
+        "v6": await agent_hb.start_responder("v6", "[::1]:0", lambda: True),
+    }
+    monitor = HeartbeatMonitor(0.1, 0.4)
+    monitor.set_targets(
+        {
+            "v4": rec("v4", f"udp://127.0.0.1:{responders['v4'].address[1]}"),
+            "v6": rec("v6", f"udp://[::1]:{responders['v6'].address[1]}"),
+        }
+    )
+    task = asyncio.create_task(monitor.run())
+    try:
+        await until(lambda: monitor.table.last_proof("v4") is not None, 5, "v4 armed")
+        await until(lambda: monitor.table.last_proof("v6") is not None, 5, "v6 armed")
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for r in responders.values():
+            r.close()
+
+
+def test_probe_destinations_by_socket_family() -> None:
+    assert destination(socket.AF_INET6, ("10.0.0.7", 9)) == ("::ffff:10.0.0.7", 9)
+    assert destination(socket.AF_INET6, ("fd00::7", 9)) == ("fd00::7", 9)
+    assert destination(socket.AF_INET, ("10.0.0.7", 9)) == ("10.0.0.7", 9)
+    assert destination(socket.AF_INET, ("fd00::7", 9)) is None
+    v4 = probe_socket(("127.0.0.1", 0))
+    assert v4.family == socket.AF_INET
+    v4.close()
 
 
 # --- the fault manager: a silent host takes the lease-loss path ----------------------------

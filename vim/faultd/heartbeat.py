@@ -33,6 +33,11 @@ Rules (`Heartbeats`, pure: the clock is passed in, for the unit tests):
 * An answer clears the suspicion at once; so does the host leaving the
   targets (its lease gone: the lease's loss takes over).
 
+One socket probes IPv4 and IPv6 agents alike: bound to the wildcard (the
+default) it is a dual-stack IPv6 socket, IPv4 agents reached through their
+IPv4-mapped addresses; where the kernel has no IPv6 it is an IPv4 socket, and
+IPv6 agents are then left to their leases (logged once per host).
+
 Cost: one socket for every host, one datagram each way per host and interval,
 ``hosts / interval_s`` probes per second (5 000/s for 1 000 hosts at 0.2 s,
 ~50 bytes each: ~250 kB/s each way), one pass over the table per tick
@@ -45,6 +50,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -200,6 +206,46 @@ class _Socket(asyncio.DatagramProtocol):
         log.debug("heartbeat socket: %r", exc)
 
 
+def probe_socket(bind: tuple[str, int]) -> socket.socket:
+    """The monitor's UDP socket: dual-stack IPv6 for a wildcard bind where the kernel
+    has IPv6, else a socket of the bind address's own family; OSError if it cannot bind."""
+    host, port = bind
+    if host in ("0.0.0.0", "::", ""):
+        try:
+            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+        except OSError:  # no IPv6 in this kernel
+            host = "0.0.0.0"
+        else:
+            try:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                sock.bind(("::", port))
+            except OSError:
+                sock.close()
+                host = "0.0.0.0"
+            else:
+                sock.setblocking(False)
+                return sock
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def destination(family: int, addr: tuple[str, int]) -> tuple[str, int] | None:
+    """Where to send a probe for `addr` from a socket of `family` (an IPv4 agent from a
+    dual-stack socket: its IPv4-mapped address); None when that socket cannot reach it."""
+    host, port = addr
+    v6 = ":" in host
+    if family == socket.AF_INET6:
+        return addr if v6 else (f"::ffff:{host}", port)
+    return None if v6 else addr
+
+
 class HeartbeatMonitor:
     """Runs `Heartbeats` on one UDP socket while `run()` runs (the fault manager runs it
     only while it leads); `on_change()` is called whenever the suspected set changes."""
@@ -254,12 +300,15 @@ class HeartbeatMonitor:
             return
         loop = asyncio.get_running_loop()
         try:
+            sock = probe_socket(self._bind)
             transport, _ = await loop.create_datagram_endpoint(
-                lambda: _Socket(self._answer), local_addr=self._bind
+                lambda: _Socket(self._answer), sock=sock
             )
         except OSError as exc:
             log.error("no heartbeat probes (the lease alone): cannot bind %s: %s", self._bind, exc)
             return
+        family = sock.family
+        unreachable: set[tuple[str, int]] = set()
         self.table = Heartbeats(self.table.interval_s, self.table.suspect_after_s)
         self.table.set_targets(self._records)
         self.running = True
@@ -272,8 +321,14 @@ class HeartbeatMonitor:
             next_tick = loop.time()
             while True:
                 for addr, datagram in self.table.probes(self._clock()):
+                    to = destination(family, addr)
+                    if to is None:
+                        if addr not in unreachable:
+                            unreachable.add(addr)
+                            log.warning("no IPv6 here: %s is left to its lease", addr[0])
+                        continue
                     with contextlib.suppress(OSError):
-                        transport.sendto(datagram, addr)
+                        transport.sendto(datagram, to)
                     self.probes_sent += 1
                 next_tick += self.table.interval_s
                 # Evaluate just before the next round: answers to this one have had a
