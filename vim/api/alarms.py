@@ -20,6 +20,9 @@ Invariants:
   own tenant, in lists, gets (others are NOT_FOUND) and streams. Host alarms and
   the host health stream are admin-only; acknowledging a server alarm needs
   member or admin in its tenant, a host alarm needs admin.
+- A notification is never ahead of the node's queries: it is sent once this
+  node's read model has applied its event (bounded wait), so a `GetAlarmList` or
+  `GetAlarm` on the same node after a notification shows that change.
 - Bad input (cursor, enums, intervals, ids, pages) is INVALID_ARGUMENT with field
   violations; when the node drains, open streams end UNAVAILABLE with the cursor
   to resume from.
@@ -28,6 +31,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -64,6 +68,8 @@ MAX_HOSTNAMES = 100
 MAX_SEVERITIES = 16
 CURSOR_RE = re.compile(r"^[0-9]{1,19}$")
 QUEUE = 256
+READ_MODEL_WAIT_S = 2.0
+"""How long a notification waits for this node's read model to apply its event."""
 FOLD_CACHE = 10_000
 
 HOST_TYPES: frozenset[str] = frozenset(
@@ -393,6 +399,9 @@ class AlarmsServicer(alarms_pb2_grpc.AlarmsServicer):
                 msg = await convert(item)
                 cursor = item.position
                 if msg is not None:
+                    # Queries here read the read model: never notify ahead of it.
+                    with contextlib.suppress(Unavailable):
+                        await self._node.model.wait_for(item.position, READ_MODEL_WAIT_S)
                     yield msg
                 if loop.time() >= next_beat:
                     yield beat(cursor)

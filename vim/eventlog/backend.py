@@ -34,6 +34,10 @@ class CommitUnknown(Exception):
 
 
 class Backend(Protocol):
+    announces_head: bool
+    """Whether `follow` tells of other processes' appends as they commit (PostgreSQL's
+    NOTIFY); without it they are seen by polling, and by reading after own appends."""
+
     async def write(self, batch: Sequence[PreparedAppend]) -> list[Outcome]:
         """Decide and write one batch in one transaction."""
 

@@ -156,6 +156,8 @@ AttemptWithBackoff.DELAY_BACKOFF = _RECONNECT_BACKOFF
 class PostgresBackend:
     """`Backend` on PostgreSQL; see the module docstring."""
 
+    announces_head = True
+
     def __init__(self, dsn: str, config: EventLogConfig) -> None:
         self._dsn = dsn
         self._config = config

@@ -17,10 +17,12 @@ bounded window by position (`_Recent`). A subscription whose next position is in
 that window takes it from there; it reads the database only for positions it has
 not got: up to the head another process announced (a NOTIFY's payload is the
 head its transaction committed), after a hint that carried no head (the listener
-reconnected), and at least once every polling interval (SQLite has no
-notifications, and hints can be lost). An API node answering an append waits
-for its read model to apply it: this turns that wait from a database round trip
-and a decode into a dictionary lookup.
+reconnected), and at least once every polling interval (hints can be lost). On
+SQLite, which announces nothing, every own append also makes them read, so other
+processes' appends are seen at the next local append or poll, whichever is first.
+An API node answering an append waits for its read model to apply it: on
+PostgreSQL this turns that wait from a database round trip and a decode into a
+dictionary lookup.
 
 Failures: backends raise `EventLogUnavailable` for a database that cannot be
 reached. A batch that failed before COMMIT is retried once (a restarted server
@@ -201,6 +203,10 @@ class SqlEventLog:
                     raise
                 continue
             self._remember(batch, outcomes)
+            if not self._backend.announces_head:
+                # Other processes' appends are not announced (SQLite): read after
+                # each own append, as well as every polling interval.
+                self._read_epoch += 1
             self._notifier.notify()
             return outcomes
         raise AssertionError("unreachable")

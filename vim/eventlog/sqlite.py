@@ -37,6 +37,8 @@ _EVENT_SELECT = sa.select(*(_ev.c[c] for c in EVENT_COLUMNS))
 class SqliteBackend:
     """`Backend` on a SQLite file; see the module docstring."""
 
+    announces_head = False
+
     def __init__(self, async_url: str, config: EventLogConfig) -> None:
         self._write_engine = create_async_engine(async_url, pool_size=1, max_overflow=0)
         self._read_engine = create_async_engine(async_url, pool_size=config.pool_size)
