@@ -13,6 +13,10 @@ purpose). Evidence asserted here:
   not the local one; counters on the underlay bridge see VLANs 101 and 102
   and never a host-local tag;
 * ``vlan-a`` and ``vlan-b`` are isolated despite the shared subnet;
+* ``vlan-x`` is on another physical network (``physnet9``) and got VLAN 101 from
+  that network's pool too: the hosts' underlay is ``physnet1``, so it is not
+  bridged there, and its VM does not reach ``vlan-a``'s (no flow for it in
+  br-prv, no ping);
 * ovs-vswitchd SIGKILLed on host2 and started again: br-prv has no flows and
   traffic fails until ``ensure_flows`` (the reconcile step) runs; then it passes.
 """
@@ -38,9 +42,10 @@ pytestmark = pytest.mark.slow
 in_module_loop = pytest.mark.asyncio(loop_scope="module")
 
 VLAN_A, VLAN_B = 101, 102
-# host -> local VLAN of (vlan-a, vlan-b, flat): different per host on purpose.
-LOCAL_VLANS = {"host1": (3, 4, 5), "host2": (6, 7, 8)}
-NETWORKS = ("vlan-a", "vlan-b", "flat")
+PHYSNET = "physnet1"
+# host -> local VLAN of (vlan-a, vlan-b, flat, vlan-x): different per host on purpose.
+LOCAL_VLANS = {"host1": (3, 4, 5, 9), "host2": (6, 7, 8, 10)}
+NETWORKS = ("vlan-a", "vlan-b", "flat", "vlan-x")
 # (vm, host, network, address); vlan-b shares vlan-a's subnet to prove isolation.
 VMS = [
     ("pa1", "host1", "vlan-a", "10.78.0.1"),
@@ -49,6 +54,7 @@ VMS = [
     ("pb2", "host2", "vlan-b", "10.78.0.4"),
     ("pf1", "host1", "flat", "10.79.0.1"),
     ("pf2", "host2", "flat", "10.79.0.2"),
+    ("px1", "host1", "vlan-x", "10.78.0.9"),  # vlan-a's subnet and VLAN id, other physnet
 ]
 
 
@@ -63,9 +69,10 @@ class Host:
 
     def plan(self) -> list[NetworkPlanEntry]:
         return [
-            NetworkPlanEntry("vlan-a", "vlan", VLAN_A, self.local_vlan("vlan-a")),
-            NetworkPlanEntry("vlan-b", "vlan", VLAN_B, self.local_vlan("vlan-b")),
-            NetworkPlanEntry("flat", "flat", 0, self.local_vlan("flat")),
+            NetworkPlanEntry("vlan-a", "vlan", VLAN_A, self.local_vlan("vlan-a"), PHYSNET),
+            NetworkPlanEntry("vlan-b", "vlan", VLAN_B, self.local_vlan("vlan-b"), PHYSNET),
+            NetworkPlanEntry("flat", "flat", 0, self.local_vlan("flat"), PHYSNET),
+            NetworkPlanEntry("vlan-x", "vlan", VLAN_A, self.local_vlan("vlan-x"), "physnet9"),
         ]
 
 
@@ -113,7 +120,11 @@ async def cloud(lab: NetnsLab, switches: dict[str, OvsSwitch]) -> AsyncIterator[
     for h in lab.hosts:
         ovs = switches[h.name]
         drv = OvsDriver(
-            ovs.db_socket, run_dir=ovs.run_dir, underlay_device=h.data_device, netns=h.netns
+            ovs.db_socket,
+            run_dir=ovs.run_dir,
+            underlay_device=h.data_device,
+            physical_network=PHYSNET,
+            netns=h.netns,
         )
         await drv.connect()
         hosts[h.name] = Host(h, ovs, drv)
@@ -211,6 +222,14 @@ async def test_vlan_and_flat_traffic_crosses_the_underlay(cloud: Cloud, lab: Net
     assert not _ping(cloud.vms["pa1"], cloud.vms["pb2"].ip)
     assert not _ping(cloud.vms["pb1"], cloud.vms["pa2"].ip)
     assert not _ping(cloud.vms["pa2"], cloud.vms["pb2"].ip)  # same host, other network
+
+    # vlan-x: same VLAN id and subnet as vlan-a, another physical network: not bridged.
+    host1 = cloud.hosts["host1"]
+    x_local = host1.local_vlan("vlan-x")
+    flows = host1.ovs.ofctl("dump-flows", host1.ovs.mgmt_target("br-prv"), "--no-stats")
+    assert f"dl_vlan={x_local}" not in flows and f"mod_vlan_vid:{x_local}" not in flows
+    assert not _ping(cloud.vms["px1"], cloud.vms["pa2"].ip)
+    assert not _ping(cloud.vms["pa2"], cloud.vms["px1"].ip)
 
 
 @in_module_loop

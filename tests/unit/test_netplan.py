@@ -14,6 +14,8 @@ from collections.abc import Iterable, Mapping
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from vim.agent.apiclient import _plan
+from vim.api.agents import _plan_msg
 from vim.domain import netplan, network, server
 from vim.domain.base import parse
 from vim.domain.netplan import Attachment, HostPlan
@@ -232,3 +234,22 @@ def test_plans_keep_their_invariants_through_changes(
         assert not any(netplan.changed(plans.get(h), p) for h, p in again.items())
         # What the controller records: the plans that changed.
         previous |= {h: p for h, p in plans.items() if netplan.changed(previous.get(h), p)}
+
+
+def test_the_physical_network_reaches_the_agent_through_the_desired_state() -> None:
+    """API plan message -> agent plan entry: a vlan network keeps its physical network
+    (VLAN ids repeat across physical networks), a vxlan one has none."""
+    plan = netplan.HostPlan(
+        "cmp-1",
+        "10.0.0.1",
+        (
+            netplan.PlannedNetwork("n-v", "vlan", "physnet2", 101, 3),
+            netplan.PlannedNetwork("n-x", "vxlan", "", 1001, 4),
+        ),
+    )
+    got = _plan(_plan_msg(plan))
+    assert got is not None
+    assert [(n.network_id, n.physical_network) for n in got.networks] == [
+        ("n-v", "physnet2"),
+        ("n-x", ""),
+    ]

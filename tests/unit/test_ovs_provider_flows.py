@@ -65,3 +65,13 @@ def test_bad_provider_plans_are_invalid_input(
     with pytest.raises(InvalidInput) as bad:
         _provider_networks(networks)
     assert {v.field for v in bad.value.violations} == fields
+
+
+def test_vlan_ids_and_flat_networks_are_unique_per_physical_network_only() -> None:
+    a = NetworkPlanEntry("a", "vlan", 101, 5, "physnet1")
+    b = NetworkPlanEntry("b", "vlan", 101, 8, "physnet2")
+    fa = NetworkPlanEntry("fa", "flat", 0, 9, "physnet1")
+    fb = NetworkPlanEntry("fb", "flat", 0, 10, "physnet2")
+    assert _provider_networks([a, b, fa, fb]) == [a, b, fa, fb]
+    with pytest.raises(InvalidInput):
+        _provider_networks([a, NetworkPlanEntry("c", "vlan", 101, 11, "physnet1")])

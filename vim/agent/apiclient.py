@@ -235,7 +235,11 @@ def _plan(p: pb.NetworkPlan) -> rc.NetworkPlan | None:
         local_ip=p.local_ip,
         networks=tuple(
             NetworkPlanEntry(
-                n.network_id, n.network_type, int(n.segmentation_id), int(n.local_vlan)
+                n.network_id,
+                n.network_type,
+                int(n.segmentation_id),
+                int(n.local_vlan),
+                n.physical_network,
             )
             for n in p.networks
         ),

@@ -143,6 +143,9 @@ class NetworkPlanEntry:
     network_type: str  # "flat" | "vlan" | "vxlan"
     segmentation_id: int
     local_vlan: int
+    physical_network: str = ""
+    """The provider network of a flat or vlan network ("" for vxlan, or from a plan
+    that does not say: taken as this host's)."""
 
 
 class SwitchDriver(Protocol):

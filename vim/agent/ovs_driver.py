@@ -43,9 +43,15 @@ patches, so no learning: br-int and br-phy switch on either side)::
 Provider networks: ``vlan`` (segmentation id = the 802.1Q VLAN on the
 underlay) and ``flat`` (untagged on the underlay: it shares the link with the
 tunnel endpoint's own traffic, as a flat network does). The host has one
-underlay link, so every provider network is on it (the plan's
-``physical_network`` does not reach the agent: one physical network per
-host). Why a separate secure bridge rather than flows in br-int and br-phy:
+underlay link, on one physical network (``physical_network``, the agent's
+``--physical-network``): only flat and vlan networks of that physical network
+are bridged to it. VLAN ids are unique per physical network only, so a network
+of another one may carry the same id: bridged here, it would join the first on
+the wire. Its ports stay on br-int with their local tag and no way out (logged
+once per network); a plan entry that names no physical network (from an API
+node older than the field) is taken as this host's.
+
+Why a separate secure bridge rather than flows in br-int and br-phy:
 after ovs-vswitchd restarts, br-int and br-phy fall back to NORMAL and keep
 VXLAN and the endpoint working, while br-prv, like br-tun, has no flows and
 drops: no frame crosses with an untranslated (host-local) tag until the
@@ -79,6 +85,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import ipaddress
+import logging
 import re
 import subprocess
 import time
@@ -95,6 +102,8 @@ from vim.agent.drivers import NetworkPlanEntry, PortBinding, SwitchDriver, Tunne
 from vim.errors import FieldViolation, InvalidInput, Unavailable
 
 __all__ = ["BR_INT", "BR_PHY", "BR_PRV", "BR_TUN", "OvsDriver"]
+
+log = logging.getLogger(__name__)
 
 BR_INT = "br-int"
 BR_TUN = "br-tun"
@@ -283,11 +292,18 @@ def _provider_networks(networks: Sequence[NetworkPlanEntry]) -> list[NetworkPlan
         if n.network_type in ("flat", "vlan") and not 1 <= n.local_vlan <= 4094:
             violations.append(FieldViolation(f"networks[{i}].local_vlan", "must be 1..4094"))
     chosen = [n for n in networks if n.network_type in ("flat", "vlan")]
-    vids = [n.segmentation_id for n in chosen if n.network_type == "vlan"]
+    vids = [(n.physical_network, n.segmentation_id) for n in chosen if n.network_type == "vlan"]
     if len(set(vids)) != len(vids):
-        violations.append(FieldViolation("networks.segmentation_id", "VLAN ids must be unique"))
-    if sum(n.network_type == "flat" for n in chosen) > 1:
-        violations.append(FieldViolation("networks.network_type", "at most one flat network"))
+        violations.append(
+            FieldViolation(
+                "networks.segmentation_id", "VLAN ids must be unique per physical network"
+            )
+        )
+    flats = [n.physical_network for n in chosen if n.network_type == "flat"]
+    if len(set(flats)) != len(flats):
+        violations.append(
+            FieldViolation("networks.network_type", "at most one flat network per physical network")
+        )
     lvs = [n.local_vlan for n in networks if n.network_type in ("flat", "vlan", "vxlan")]
     if len(set(lvs)) != len(lvs):
         violations.append(FieldViolation("networks.local_vlan", "must be unique per host"))
@@ -313,6 +329,7 @@ class OvsDriver:
         *,
         run_dir: str | Path = "/var/run/openvswitch",
         underlay_device: str | None = None,
+        physical_network: str | None = None,
         netns: str | None = None,
         underlay_mtu: int = 1600,
         underlay_prefixlen: int = 24,
@@ -321,6 +338,9 @@ class OvsDriver:
         self._db = f"unix:{db_socket}"
         self._run_dir = Path(run_dir)
         self._underlay = underlay_device
+        self._physnet = physical_network
+        """None: every flat and vlan network is taken as on the underlay's network."""
+        self._elsewhere: set[str] = set()
         self._netns = netns
         self._mtu = underlay_mtu
         self._prefixlen = underlay_prefixlen
@@ -618,13 +638,32 @@ class OvsDriver:
         input, raised after the br-tun flows are installed.
         """
         chosen = _vxlan_networks(networks)
-        provider = _provider_networks(networks)
+        provider = self._on_this_physnet(_provider_networks(networks))
         async with self._flow_lock:
             await self._call(self._ensure_flows, chosen)
             if self._underlay is not None:
                 await self._call(self._ensure_provider_flows, provider)
         if self._underlay is None and provider:
             raise _bad("networks.network_type", "flat and vlan networks need an underlay device")
+
+    def _on_this_physnet(self, networks: list[NetworkPlanEntry]) -> list[NetworkPlanEntry]:
+        """The provider networks on the underlay's physical network (module docstring)."""
+        if self._physnet is None:
+            return networks
+        kept = []
+        for n in networks:
+            if n.physical_network in ("", self._physnet):
+                kept.append(n)
+            elif n.network_id not in self._elsewhere:
+                self._elsewhere.add(n.network_id)
+                log.error(
+                    "network %s is on physical network %s, not %s: not bridged to %s",
+                    n.network_id,
+                    n.physical_network,
+                    self._physnet,
+                    self._underlay,
+                )
+        return kept
 
     def _patch_ofports(self, bridge: str, names: Sequence[str]) -> list[int]:
         """The ofports of ``names`` on ``bridge``, waiting (bounded) for ovs-vswitchd."""

@@ -76,6 +76,9 @@ class AgentConfig:
     ovs_run_dir: Path = Path("/var/run/openvswitch")
     underlay_device: str | None = None
     """The data link given to br-phy (None: no br-phy)."""
+    physical_network: str = "physnet1"
+    """The provider network br-phy's link is on: only its flat and vlan networks
+    are bridged there."""
     underlay_ip: str = ""
     management_address: str = ""
     ttl_s: int = DEFAULT_TTL_S
@@ -493,6 +496,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, str]:
     )
     p.add_argument("--underlay-device", default=env("VIM_UNDERLAY_DEVICE"))
     p.add_argument("--underlay-ip", default=env("VIM_UNDERLAY_IP", ""))
+    p.add_argument(
+        "--physical-network",
+        default=env("VIM_PHYSICAL_NETWORK", "physnet1"),
+        help="the provider network the underlay device is on: flat and vlan networks of "
+        "other physical networks are not bridged to it (their VLAN ids may repeat)",
+    )
     p.add_argument("--management-address", default=env("VIM_MANAGEMENT_ADDRESS", ""))
     p.add_argument(
         "--heartbeat-listen",
@@ -551,6 +560,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, str]:
         ovs=a.ovs,
         ovs_run_dir=a.ovs_run_dir,
         underlay_device=a.underlay_device,
+        physical_network=a.physical_network,
         underlay_ip=a.underlay_ip,
         management_address=a.management_address,
         ttl_s=a.ttl,
@@ -596,6 +606,7 @@ def _ovs_driver(config: AgentConfig) -> Any:
         config.ovs.removeprefix("unix:"),
         run_dir=config.ovs_run_dir,
         underlay_device=config.underlay_device,
+        physical_network=config.physical_network,
     )
 
 

@@ -394,6 +394,7 @@ def _plan_msg(plan: netplan.HostPlan | None) -> pb.NetworkPlan:
                 network_type=n.network_type,
                 segmentation_id=n.segmentation_id,
                 local_vlan=n.local_vlan,
+                physical_network=n.physical_network,
             )
             for n in plan.networks
         ],

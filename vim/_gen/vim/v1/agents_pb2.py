@@ -26,7 +26,7 @@ from vim._gen.vim.v1 import compute_pb2 as vim_dot_v1_dot_compute__pb2
 from vim._gen.vim.v1 import hosts_pb2 as vim_dot_v1_dot_hosts__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13vim/v1/agents.proto\x12\x06vim.v1\x1a\x14vim/v1/compute.proto\x1a\x12vim/v1/hosts.proto\"Y\n\x18RegisterAgentHostRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x04host\x18\x02 \x01(\x0b\x32\x1b.vim.v1.RegisterHostRequest\".\n\x1aGetHostDesiredStateRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\"F\n\x1cWatchHostDesiredStateRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x14\n\x0cheartbeat_ms\x18\x02 \x01(\r\"\\\n\nDesiredNic\x12\x0f\n\x07port_id\x18\x01 \x01(\t\x12\x12\n\nnetwork_id\x18\x02 \x01(\t\x12\x13\n\x0bmac_address\x18\x03 \x01(\t\x12\x14\n\x0cip_addresses\x18\x04 \x03(\t\"\x97\x04\n\rDesiredServer\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12&\n\x07\x66lavour\x18\x04 \x01(\x0b\x32\x15.vim.v1.ServerFlavour\x12\x10\n\x08image_id\x18\x05 \x01(\t\x12 \n\x04nics\x18\x06 \x03(\x0b\x32\x12.vim.v1.DesiredNic\x12(\n\x08watchdog\x18\x07 \x01(\x0e\x32\x16.vim.v1.WatchdogPolicy\x12/\n\x13\x64\x65sired_power_state\x18\x08 \x01(\x0e\x32\x12.vim.v1.PowerState\x12\"\n\x05state\x18\t \x01(\x0e\x32\x13.vim.v1.ServerState\x12\'\n\x0bpower_state\x18\n \x01(\x0e\x32\x12.vim.v1.PowerState\x12\x0c\n\x04task\x18\x0b \x01(\t\x12\x35\n\x08metadata\x18\x0c \x03(\x0b\x32#.vim.v1.DesiredServer.MetadataEntry\x12-\n\x0emigration_role\x18\r \x01(\x0e\x32\x15.vim.v1.MigrationRole\x12\x11\n\tmay_start\x18\x0e \x01(\x08\x12\x16\n\x0e\x63orrelation_id\x18\x0f \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"g\n\x0ePlannedNetwork\x12\x12\n\nnetwork_id\x18\x01 \x01(\t\x12\x14\n\x0cnetwork_type\x18\x02 \x01(\t\x12\x17\n\x0fsegmentation_id\x18\x03 \x01(\r\x12\x12\n\nlocal_vlan\x18\x04 \x01(\r\"7\n\rPlannedTunnel\x12\x13\n\x0bremote_host\x18\x01 \x01(\t\x12\x11\n\tremote_ip\x18\x02 \x01(\t\"l\n\x0bPlannedPort\x12\x0f\n\x07port_id\x18\x01 \x01(\t\x12\x11\n\tserver_id\x18\x02 \x01(\t\x12\x12\n\nnetwork_id\x18\x03 \x01(\t\x12\x13\n\x0bmac_address\x18\x04 \x01(\t\x12\x10\n\x08vlan_tag\x18\x05 \x01(\r\"\xa6\x01\n\x0bNetworkPlan\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x10\n\x08local_ip\x18\x02 \x01(\t\x12(\n\x08networks\x18\x03 \x03(\x0b\x32\x16.vim.v1.PlannedNetwork\x12&\n\x07tunnels\x18\x04 \x03(\x0b\x32\x15.vim.v1.PlannedTunnel\x12\"\n\x05ports\x18\x05 \x03(\x0b\x32\x13.vim.v1.PlannedPort\"\xc5\x01\n\x10HostDesiredState\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12%\n\nhost_state\x18\x02 \x01(\x0e\x32\x11.vim.v1.HostState\x12&\n\x07servers\x18\x03 \x03(\x0b\x32\x15.vim.v1.DesiredServer\x12)\n\x0cnetwork_plan\x18\x04 \x01(\x0b\x32\x13.vim.v1.NetworkPlan\x12\x10\n\x08position\x18\x05 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\t\"\x92\x01\n\x18ReportServerStateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x11\n\tserver_id\x18\x03 \x01(\t\x12\'\n\x0bpower_state\x18\x04 \x01(\x0e\x32\x12.vim.v1.PowerState\x12\x14\n\x0c\x66\x61ult_reason\x18\x05 \x01(\t\"_\n$ReportMigrationSourceReleasedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x11\n\tserver_id\x18\x03 \x01(\t\"\x8a\x01\n\x18ReportServerFaultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x11\n\tserver_id\x18\x03 \x01(\t\x12%\n\x04kind\x18\x04 \x01(\x0e\x32\x17.vim.v1.ServerFaultKind\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"\x96\x01\n\x16ReportHostFaultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.vim.v1.HostFaultKind\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x10\n\x08restarts\x18\x06 \x01(\r\"\x83\x01\n\x16ReportSelfFenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x19\n\x11\x64omains_destroyed\x18\x03 \x01(\r\x12\x15\n\rlease_lost_at\x18\x04 \x01(\t\x12\x11\n\tfenced_at\x18\x05 \x01(\t\"/\n\tReportAck\x12\x10\n\x08recorded\x18\x01 \x01(\x08\x12\x10\n\x08position\x18\x02 \x01(\x04*e\n\rMigrationRole\x12\x1e\n\x1aMIGRATION_ROLE_UNSPECIFIED\x10\x00\x12\x19\n\x15MIGRATION_ROLE_SOURCE\x10\x01\x12\x19\n\x15MIGRATION_ROLE_TARGET\x10\x02*s\n\x0fServerFaultKind\x12!\n\x1dSERVER_FAULT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSERVER_FAULT_KIND_WATCHDOG\x10\x01\x12\x1d\n\x19SERVER_FAULT_KIND_CRASHED\x10\x02*{\n\rHostFaultKind\x12\x1f\n\x1bHOST_FAULT_KIND_UNSPECIFIED\x10\x00\x12\"\n\x1eHOST_FAULT_KIND_SERVICE_FAILED\x10\x01\x12%\n!HOST_FAULT_KIND_SERVICE_RECOVERED\x10\x02\x32\xff\x04\n\x06\x41gents\x12\x43\n\x11RegisterAgentHost\x12 .vim.v1.RegisterAgentHostRequest\x1a\x0c.vim.v1.Host\x12S\n\x13GetHostDesiredState\x12\".vim.v1.GetHostDesiredStateRequest\x1a\x18.vim.v1.HostDesiredState\x12Y\n\x15WatchHostDesiredState\x12$.vim.v1.WatchHostDesiredStateRequest\x1a\x18.vim.v1.HostDesiredState0\x01\x12H\n\x11ReportServerState\x12 .vim.v1.ReportServerStateRequest\x1a\x11.vim.v1.ReportAck\x12`\n\x1dReportMigrationSourceReleased\x12,.vim.v1.ReportMigrationSourceReleasedRequest\x1a\x11.vim.v1.ReportAck\x12H\n\x11ReportServerFault\x12 .vim.v1.ReportServerFaultRequest\x1a\x11.vim.v1.ReportAck\x12\x44\n\x0fReportHostFault\x12\x1e.vim.v1.ReportHostFaultRequest\x1a\x11.vim.v1.ReportAck\x12\x44\n\x0fReportSelfFence\x12\x1e.vim.v1.ReportSelfFenceRequest\x1a\x11.vim.v1.ReportAckb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13vim/v1/agents.proto\x12\x06vim.v1\x1a\x14vim/v1/compute.proto\x1a\x12vim/v1/hosts.proto\"Y\n\x18RegisterAgentHostRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x04host\x18\x02 \x01(\x0b\x32\x1b.vim.v1.RegisterHostRequest\".\n\x1aGetHostDesiredStateRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\"F\n\x1cWatchHostDesiredStateRequest\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12\x14\n\x0cheartbeat_ms\x18\x02 \x01(\r\"\\\n\nDesiredNic\x12\x0f\n\x07port_id\x18\x01 \x01(\t\x12\x12\n\nnetwork_id\x18\x02 \x01(\t\x12\x13\n\x0bmac_address\x18\x03 \x01(\t\x12\x14\n\x0cip_addresses\x18\x04 \x03(\t\"\x97\x04\n\rDesiredServer\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x11\n\ttenant_id\x18\x03 \x01(\t\x12&\n\x07\x66lavour\x18\x04 \x01(\x0b\x32\x15.vim.v1.ServerFlavour\x12\x10\n\x08image_id\x18\x05 \x01(\t\x12 \n\x04nics\x18\x06 \x03(\x0b\x32\x12.vim.v1.DesiredNic\x12(\n\x08watchdog\x18\x07 \x01(\x0e\x32\x16.vim.v1.WatchdogPolicy\x12/\n\x13\x64\x65sired_power_state\x18\x08 \x01(\x0e\x32\x12.vim.v1.PowerState\x12\"\n\x05state\x18\t \x01(\x0e\x32\x13.vim.v1.ServerState\x12\'\n\x0bpower_state\x18\n \x01(\x0e\x32\x12.vim.v1.PowerState\x12\x0c\n\x04task\x18\x0b \x01(\t\x12\x35\n\x08metadata\x18\x0c \x03(\x0b\x32#.vim.v1.DesiredServer.MetadataEntry\x12-\n\x0emigration_role\x18\r \x01(\x0e\x32\x15.vim.v1.MigrationRole\x12\x11\n\tmay_start\x18\x0e \x01(\x08\x12\x16\n\x0e\x63orrelation_id\x18\x0f \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x81\x01\n\x0ePlannedNetwork\x12\x12\n\nnetwork_id\x18\x01 \x01(\t\x12\x14\n\x0cnetwork_type\x18\x02 \x01(\t\x12\x17\n\x0fsegmentation_id\x18\x03 \x01(\r\x12\x12\n\nlocal_vlan\x18\x04 \x01(\r\x12\x18\n\x10physical_network\x18\x05 \x01(\t\"7\n\rPlannedTunnel\x12\x13\n\x0bremote_host\x18\x01 \x01(\t\x12\x11\n\tremote_ip\x18\x02 \x01(\t\"l\n\x0bPlannedPort\x12\x0f\n\x07port_id\x18\x01 \x01(\t\x12\x11\n\tserver_id\x18\x02 \x01(\t\x12\x12\n\nnetwork_id\x18\x03 \x01(\t\x12\x13\n\x0bmac_address\x18\x04 \x01(\t\x12\x10\n\x08vlan_tag\x18\x05 \x01(\r\"\xa6\x01\n\x0bNetworkPlan\x12\x0f\n\x07present\x18\x01 \x01(\x08\x12\x10\n\x08local_ip\x18\x02 \x01(\t\x12(\n\x08networks\x18\x03 \x03(\x0b\x32\x16.vim.v1.PlannedNetwork\x12&\n\x07tunnels\x18\x04 \x03(\x0b\x32\x15.vim.v1.PlannedTunnel\x12\"\n\x05ports\x18\x05 \x03(\x0b\x32\x13.vim.v1.PlannedPort\"\xc5\x01\n\x10HostDesiredState\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12%\n\nhost_state\x18\x02 \x01(\x0e\x32\x11.vim.v1.HostState\x12&\n\x07servers\x18\x03 \x03(\x0b\x32\x15.vim.v1.DesiredServer\x12)\n\x0cnetwork_plan\x18\x04 \x01(\x0b\x32\x13.vim.v1.NetworkPlan\x12\x10\n\x08position\x18\x05 \x01(\x04\x12\x13\n\x0b\x66ingerprint\x18\x06 \x01(\t\"\x92\x01\n\x18ReportServerStateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x11\n\tserver_id\x18\x03 \x01(\t\x12\'\n\x0bpower_state\x18\x04 \x01(\x0e\x32\x12.vim.v1.PowerState\x12\x14\n\x0c\x66\x61ult_reason\x18\x05 \x01(\t\"_\n$ReportMigrationSourceReleasedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x11\n\tserver_id\x18\x03 \x01(\t\"\x8a\x01\n\x18ReportServerFaultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x11\n\tserver_id\x18\x03 \x01(\t\x12%\n\x04kind\x18\x04 \x01(\x0e\x32\x17.vim.v1.ServerFaultKind\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\"\x96\x01\n\x16ReportHostFaultRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0f\n\x07service\x18\x03 \x01(\t\x12#\n\x04kind\x18\x04 \x01(\x0e\x32\x15.vim.v1.HostFaultKind\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12\x10\n\x08restarts\x18\x06 \x01(\r\"\x83\x01\n\x16ReportSelfFenceRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x19\n\x11\x64omains_destroyed\x18\x03 \x01(\r\x12\x15\n\rlease_lost_at\x18\x04 \x01(\t\x12\x11\n\tfenced_at\x18\x05 \x01(\t\"/\n\tReportAck\x12\x10\n\x08recorded\x18\x01 \x01(\x08\x12\x10\n\x08position\x18\x02 \x01(\x04*e\n\rMigrationRole\x12\x1e\n\x1aMIGRATION_ROLE_UNSPECIFIED\x10\x00\x12\x19\n\x15MIGRATION_ROLE_SOURCE\x10\x01\x12\x19\n\x15MIGRATION_ROLE_TARGET\x10\x02*s\n\x0fServerFaultKind\x12!\n\x1dSERVER_FAULT_KIND_UNSPECIFIED\x10\x00\x12\x1e\n\x1aSERVER_FAULT_KIND_WATCHDOG\x10\x01\x12\x1d\n\x19SERVER_FAULT_KIND_CRASHED\x10\x02*{\n\rHostFaultKind\x12\x1f\n\x1bHOST_FAULT_KIND_UNSPECIFIED\x10\x00\x12\"\n\x1eHOST_FAULT_KIND_SERVICE_FAILED\x10\x01\x12%\n!HOST_FAULT_KIND_SERVICE_RECOVERED\x10\x02\x32\xff\x04\n\x06\x41gents\x12\x43\n\x11RegisterAgentHost\x12 .vim.v1.RegisterAgentHostRequest\x1a\x0c.vim.v1.Host\x12S\n\x13GetHostDesiredState\x12\".vim.v1.GetHostDesiredStateRequest\x1a\x18.vim.v1.HostDesiredState\x12Y\n\x15WatchHostDesiredState\x12$.vim.v1.WatchHostDesiredStateRequest\x1a\x18.vim.v1.HostDesiredState0\x01\x12H\n\x11ReportServerState\x12 .vim.v1.ReportServerStateRequest\x1a\x11.vim.v1.ReportAck\x12`\n\x1dReportMigrationSourceReleased\x12,.vim.v1.ReportMigrationSourceReleasedRequest\x1a\x11.vim.v1.ReportAck\x12H\n\x11ReportServerFault\x12 .vim.v1.ReportServerFaultRequest\x1a\x11.vim.v1.ReportAck\x12\x44\n\x0fReportHostFault\x12\x1e.vim.v1.ReportHostFaultRequest\x1a\x11.vim.v1.ReportAck\x12\x44\n\x0fReportSelfFence\x12\x1e.vim.v1.ReportSelfFenceRequest\x1a\x11.vim.v1.ReportAckb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,12 +35,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_DESIREDSERVER_METADATAENTRY']._loaded_options = None
   _globals['_DESIREDSERVER_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_MIGRATIONROLE']._serialized_start=2280
-  _globals['_MIGRATIONROLE']._serialized_end=2381
-  _globals['_SERVERFAULTKIND']._serialized_start=2383
-  _globals['_SERVERFAULTKIND']._serialized_end=2498
-  _globals['_HOSTFAULTKIND']._serialized_start=2500
-  _globals['_HOSTFAULTKIND']._serialized_end=2623
+  _globals['_MIGRATIONROLE']._serialized_start=2307
+  _globals['_MIGRATIONROLE']._serialized_end=2408
+  _globals['_SERVERFAULTKIND']._serialized_start=2410
+  _globals['_SERVERFAULTKIND']._serialized_end=2525
+  _globals['_HOSTFAULTKIND']._serialized_start=2527
+  _globals['_HOSTFAULTKIND']._serialized_end=2650
   _globals['_REGISTERAGENTHOSTREQUEST']._serialized_start=73
   _globals['_REGISTERAGENTHOSTREQUEST']._serialized_end=162
   _globals['_GETHOSTDESIREDSTATEREQUEST']._serialized_start=164
@@ -53,28 +53,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESIREDSERVER']._serialized_end=914
   _globals['_DESIREDSERVER_METADATAENTRY']._serialized_start=867
   _globals['_DESIREDSERVER_METADATAENTRY']._serialized_end=914
-  _globals['_PLANNEDNETWORK']._serialized_start=916
-  _globals['_PLANNEDNETWORK']._serialized_end=1019
-  _globals['_PLANNEDTUNNEL']._serialized_start=1021
-  _globals['_PLANNEDTUNNEL']._serialized_end=1076
-  _globals['_PLANNEDPORT']._serialized_start=1078
-  _globals['_PLANNEDPORT']._serialized_end=1186
-  _globals['_NETWORKPLAN']._serialized_start=1189
-  _globals['_NETWORKPLAN']._serialized_end=1355
-  _globals['_HOSTDESIREDSTATE']._serialized_start=1358
-  _globals['_HOSTDESIREDSTATE']._serialized_end=1555
-  _globals['_REPORTSERVERSTATEREQUEST']._serialized_start=1558
-  _globals['_REPORTSERVERSTATEREQUEST']._serialized_end=1704
-  _globals['_REPORTMIGRATIONSOURCERELEASEDREQUEST']._serialized_start=1706
-  _globals['_REPORTMIGRATIONSOURCERELEASEDREQUEST']._serialized_end=1801
-  _globals['_REPORTSERVERFAULTREQUEST']._serialized_start=1804
-  _globals['_REPORTSERVERFAULTREQUEST']._serialized_end=1942
-  _globals['_REPORTHOSTFAULTREQUEST']._serialized_start=1945
-  _globals['_REPORTHOSTFAULTREQUEST']._serialized_end=2095
-  _globals['_REPORTSELFFENCEREQUEST']._serialized_start=2098
-  _globals['_REPORTSELFFENCEREQUEST']._serialized_end=2229
-  _globals['_REPORTACK']._serialized_start=2231
-  _globals['_REPORTACK']._serialized_end=2278
-  _globals['_AGENTS']._serialized_start=2626
-  _globals['_AGENTS']._serialized_end=3265
+  _globals['_PLANNEDNETWORK']._serialized_start=917
+  _globals['_PLANNEDNETWORK']._serialized_end=1046
+  _globals['_PLANNEDTUNNEL']._serialized_start=1048
+  _globals['_PLANNEDTUNNEL']._serialized_end=1103
+  _globals['_PLANNEDPORT']._serialized_start=1105
+  _globals['_PLANNEDPORT']._serialized_end=1213
+  _globals['_NETWORKPLAN']._serialized_start=1216
+  _globals['_NETWORKPLAN']._serialized_end=1382
+  _globals['_HOSTDESIREDSTATE']._serialized_start=1385
+  _globals['_HOSTDESIREDSTATE']._serialized_end=1582
+  _globals['_REPORTSERVERSTATEREQUEST']._serialized_start=1585
+  _globals['_REPORTSERVERSTATEREQUEST']._serialized_end=1731
+  _globals['_REPORTMIGRATIONSOURCERELEASEDREQUEST']._serialized_start=1733
+  _globals['_REPORTMIGRATIONSOURCERELEASEDREQUEST']._serialized_end=1828
+  _globals['_REPORTSERVERFAULTREQUEST']._serialized_start=1831
+  _globals['_REPORTSERVERFAULTREQUEST']._serialized_end=1969
+  _globals['_REPORTHOSTFAULTREQUEST']._serialized_start=1972
+  _globals['_REPORTHOSTFAULTREQUEST']._serialized_end=2122
+  _globals['_REPORTSELFFENCEREQUEST']._serialized_start=2125
+  _globals['_REPORTSELFFENCEREQUEST']._serialized_end=2256
+  _globals['_REPORTACK']._serialized_start=2258
+  _globals['_REPORTACK']._serialized_end=2305
+  _globals['_AGENTS']._serialized_start=2653
+  _globals['_AGENTS']._serialized_end=3292
 # @@protoc_insertion_point(module_scope)

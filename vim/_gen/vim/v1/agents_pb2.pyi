@@ -314,12 +314,17 @@ class PlannedNetwork(_message.Message):
     NETWORK_TYPE_FIELD_NUMBER: _builtins.int
     SEGMENTATION_ID_FIELD_NUMBER: _builtins.int
     LOCAL_VLAN_FIELD_NUMBER: _builtins.int
+    PHYSICAL_NETWORK_FIELD_NUMBER: _builtins.int
     network_id: _builtins.str
     network_type: _builtins.str
     """network_type: "flat", "vlan" or "vxlan"."""
     segmentation_id: _builtins.int
     local_vlan: _builtins.int
     """local_vlan: the network's host-local VLAN tag on br-int."""
+    physical_network: _builtins.str
+    """physical_network: the provider network a flat or vlan network is on (its
+    VLAN ids are unique per physical network only); empty for vxlan.
+    """
     def __init__(
         self,
         *,
@@ -327,10 +332,11 @@ class PlannedNetwork(_message.Message):
         network_type: _builtins.str = ...,
         segmentation_id: _builtins.int = ...,
         local_vlan: _builtins.int = ...,
+        physical_network: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["local_vlan", b"local_vlan", "network_id", b"network_id", "network_type", b"network_type", "segmentation_id", b"segmentation_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["local_vlan", b"local_vlan", "network_id", b"network_id", "network_type", b"network_type", "physical_network", b"physical_network", "segmentation_id", b"segmentation_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
