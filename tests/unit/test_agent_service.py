@@ -37,6 +37,7 @@ def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     assert config.etcd_endpoints == ("127.0.0.1:2379", "127.0.0.1:2381")
     assert config.ttl_s == 2 and config.resync_s == 10.0
     assert config.supervise[0].start == ("a", "unix:/b")
+    assert config.physical_network == "physnet1"
     assert hypervisor_type("test:///default") != hypervisor_type("qemu:///system")
 
 
@@ -47,6 +48,7 @@ def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
         ["--hostname", "cmp-1"],  # no token
         ["--hostname", "cmp-1", "--ttl", "0"],
         ["--hostname", "cmp-1", "--supervise", "libvirtd=/run/pid:libvirtd -d"],
+        ["--hostname", "cmp-1", "--physical-network", "bad name"],
     ],
 )
 def test_bad_command_lines_are_refused(
@@ -54,7 +56,7 @@ def test_bad_command_lines_are_refused(
 ) -> None:
     monkeypatch.delenv("VIM_AGENT_TOKEN", raising=False)
     monkeypatch.delenv("VIM_AGENT_HOSTNAME", raising=False)
-    if ("--token-file" not in argv and "--ttl" in argv) or "--supervise" in argv:
+    if "--token-file" not in argv and {"--ttl", "--supervise", "--physical-network"} & set(argv):
         monkeypatch.setenv("VIM_AGENT_TOKEN", "tok")
     with pytest.raises(SystemExit) as exit_:
         parse_args(argv)

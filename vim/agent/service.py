@@ -35,6 +35,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -55,6 +56,8 @@ from vim.agent.sdnotify import Notifier
 from vim.agent.supervisor import SupervisedService, Supervisor
 
 log = logging.getLogger("vim.agent")
+PHYSNET_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,63}$")
+"""A physical network's name, as the Networks API accepts it (`vim.domain.network`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,6 +476,12 @@ def supervised(spec: str) -> SupervisedService:
     return service
 
 
+def _physical_network(text: str) -> str:
+    if not PHYSNET_RE.match(text):
+        raise argparse.ArgumentTypeError("1-64 letters, digits, . _ - (as the API accepts)")
+    return text
+
+
 def parse_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, str]:
     env = os.environ.get
     p = argparse.ArgumentParser(prog="vim-agent", description="Run the compute agent of a host.")
@@ -498,6 +507,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[AgentConfig, str]:
     p.add_argument("--underlay-ip", default=env("VIM_UNDERLAY_IP", ""))
     p.add_argument(
         "--physical-network",
+        type=_physical_network,
         default=env("VIM_PHYSICAL_NETWORK", "physnet1"),
         help="the provider network the underlay device is on: flat and vlan networks of "
         "other physical networks are not bridged to it (their VLAN ids may repeat)",
