@@ -20,3 +20,14 @@ async def until(what: str, check: Any, timeout_s: float = 30.0, every_s: float =
             return got
         await asyncio.sleep(every_s)  # poll interval of a wait with a deadline
     raise AssertionError(f"timed out waiting for {what} (last: {got!r})")
+
+
+def until_sync(probe: Any, within: float, what: str, every_s: float = 0.1) -> Any:
+    """`until` for synchronous tests: poll `probe` until it returns something truthy,
+    which is returned; AssertionError naming `what` after `within` seconds."""
+    deadline = time.monotonic() + within
+    last: Any = None
+    while not (last := probe()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what} (last: {last!r})"
+        time.sleep(every_s)  # poll interval of a wait with a deadline
+    return last

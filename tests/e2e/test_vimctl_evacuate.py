@@ -19,15 +19,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import pytest
 
 from tests.e2e.test_vimctl import ADMIN, SECRET, Cli
 from tests.unit.test_faultd import Srv, seed
+from tests.waiting import until_sync as until
 from vim._gen.vim.v1 import hosts_pb2, hosts_pb2_grpc
 from vim.cli.failures import Exit
 from vim.eventlog.sql import SqlEventLog
@@ -48,14 +48,6 @@ asyncio.run(main())
 """
 VM1, VM2 = str(uuid.uuid4()), str(uuid.uuid4())
 HOSTS = {name: ("lab", "") for name in ("cmp-a", "cmp-b", "cmp-c")}
-
-
-def until(probe: Callable[[], Any], within: float, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while not (value := probe()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return value
 
 
 class Lab:

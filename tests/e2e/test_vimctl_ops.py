@@ -20,7 +20,7 @@ import queue
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -30,6 +30,7 @@ import pytest
 from tests.e2e.test_vimctl import AUTH, READER, VIMCTL, Cli
 from tests.e2e.test_vimctl_evacuate import BIN, Lab
 from tests.integration.test_agent import AgentProcess
+from tests.waiting import until_sync as until
 from vim.cli.failures import Exit
 from vim.harness.etcd import EtcdCluster
 
@@ -38,16 +39,6 @@ pytestmark = [pytest.mark.etcd, pytest.mark.slow]
 HOSTS = ("cmp-1", "cmp-2", "cmp-3")
 VICTIM = "cmp-3"
 """The host whose agent the alarm test kills (the last test: it leaves the host failed)."""
-
-
-def until(probe: Callable[[], Any], within: float, what: str) -> Any:
-    """Poll `probe` until it returns something truthy; fail after `within` seconds."""
-    deadline = time.monotonic() + within
-    last: Any = None
-    while not (last := probe()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what} (last: {last!r})"
-        time.sleep(0.1)
-    return last
 
 
 @dataclass
