@@ -12,9 +12,12 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 
+import psycopg
 import pytest
 
+from tests.waiting import until
 from vim.errors import EventLogUnavailable
 from vim.eventlog.model import ANY_VERSION, AppendRequest, Metadata, NewEvent, StreamAppend
 from vim.eventlog.sql import SqlEventLog
@@ -208,3 +211,74 @@ async def test_append_while_down_is_unavailable_and_recovers(own_pg: PostgresSer
         assert r.versions == {"server-a": 2}
     finally:
         await log.close()
+
+
+EXISTING_STREAMS = 20_000
+
+
+def _table_stats(pg_server: PostgresServer, dbname: str) -> dict[str, tuple[int, int]]:
+    """Per event-log table: rows inserted, and rows read by sequential scans."""
+    q = (
+        "SELECT relname, n_tup_ins, seq_tup_read FROM pg_stat_user_tables "
+        "WHERE relname IN ('streams', 'requests', 'events')"
+    )
+    with psycopg.connect(pg_server.dsn(dbname), autocommit=True) as conn:
+        return {name: (int(ins), int(read)) for name, ins, read in conn.execute(q).fetchall()}
+
+
+async def _each_write_path(log: SqlEventLog, tag: str, rounds: int = 8) -> None:
+    """More than five of each, on one connection: PostgreSQL then plans the prepared
+    statements once (generic plans) and keeps those plans."""
+    for i in range(rounds):
+        stream, rid = f"{tag}-{i}", f"{tag}-rid-{i}"
+        # Expected versions: the one-statement write on assumed versions.
+        await log.append(AppendRequest([StreamAppend(stream, 0, [NewEvent("A", {})])]))
+        # Any version: the stream versions are read first, without the lock.
+        again = AppendRequest(
+            [StreamAppend(stream, ANY_VERSION, [NewEvent("B", {})])], Metadata(request_id=rid)
+        )
+        await log.append(again)
+        # A repeat, and a fencing token: decided under the lock.
+        await log.append(again)
+        await log.append(
+            AppendRequest(
+                [StreamAppend(f"{tag}-fenced-{i}", 0, [NewEvent("C", {})])],
+                Metadata(fencing_role="scheduler", fencing_token=1),
+            )
+        )
+        assert await log.stream_version(stream) == 2
+
+
+async def test_appends_never_scan_whole_tables_planned_on_an_empty_database(
+    pg_server: PostgresServer, pg_url: str
+) -> None:
+    """A node on a new database prepares its statements while the tables are empty
+    and keeps their plans until autovacuum first analyses the tables (up to a minute
+    later, then again as they grow). Those plans must still find streams and requests
+    by index: a plan that hash-joins a sequential scan of `streams` costs every append
+    time in proportion to all the streams written so far (7 ms at 50 000 streams)."""
+    dbname = pg_url.rsplit("/", 1)[1]
+    log = await SqlEventLog.open(pg_url, config=replace(FAST, pool_size=1))
+    try:
+        await _each_write_path(log, "early")
+        with psycopg.connect(pg_server.dsn(dbname), autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO streams (stream_id, version, position) "
+                "SELECT 'old-' || g, 1, g FROM generate_series(1, %s) g",
+                (EXISTING_STREAMS,),
+            )
+            conn.execute(
+                "INSERT INTO requests (request_id, fingerprint, result, position, recorded_at) "
+                "SELECT 'old-' || g, 'f', '{}', g, now() FROM generate_series(1, %s) g",
+                (EXISTING_STREAMS,),
+            )
+        await _each_write_path(log, "late")
+    finally:
+        await log.close()
+    # Statistics reach the views when a backend reports them: on exit at the latest.
+    stats = await until(
+        "the event log's backends' reports",
+        lambda: (t := _table_stats(pg_server, dbname))["events"][0] >= 2 * 3 * 8 and t,
+    )
+    read = {table: seq_read for table, (_, seq_read) in stats.items()}
+    assert all(n < EXISTING_STREAMS for n in read.values()), read
