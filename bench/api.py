@@ -384,6 +384,7 @@ class NodeProc:
     workers: int = 1
     callgrind_to: Path | None = None
     """Run the node under `valgrind --tool=callgrind`, instrumentation off until asked."""
+    event_loop: str = "uvloop"
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
 
@@ -408,7 +409,7 @@ class NodeProc:
             *("-m", "vim.api.server", "--insecure", "--listen", "127.0.0.1:0"),
             *("--metrics-listen", "off", "--grace", "1", "--port-file", str(port_file)),
             *("--eventlog-url", self.url, "--auth-secret-file", str(secret_file)),
-            *("--workers", str(self.workers)),
+            *("--workers", str(self.workers), "--event-loop", self.event_loop),
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIM_")}
         with (self.workdir / f"{self.name}.log").open("ab") as sink:
@@ -472,6 +473,8 @@ class Env:
     secret_file: Path
     workers: int = 1
     """Worker processes per node (`vim-api --workers`)."""
+    event_loop: str = "uvloop"
+    """The nodes' event loop (`vim-api --event-loop`)."""
     nodes: list[NodeProc] = field(default_factory=list)
     catalogue: Catalogue = Catalogue()
     acked_allocations: int = 0
@@ -486,7 +489,9 @@ class Env:
         one = profile_to is not None or callgrind_to is not None
         workers = 1 if one else self.workers
         name = f"node{len(self.nodes) + 1}"
-        node = NodeProc(name, self.workdir, self.url, profile_to, workers, callgrind_to)
+        node = NodeProc(
+            name, self.workdir, self.url, profile_to, workers, callgrind_to, self.event_loop
+        )
         self.nodes.append(node)
         node.start(self.secret_file)
         progress(f"{node.name} serving on {node.address}")
@@ -771,7 +776,7 @@ async def _count_allocations(url: str) -> int:
 
 
 @contextlib.contextmanager
-def _environment(workers: int) -> Iterator[Env]:
+def _environment(workers: int, event_loop: str) -> Iterator[Env]:
     """PostgreSQL (durable) with a migrated database; everything is torn down on exit."""
     from vim.eventlog import migrating
 
@@ -785,7 +790,7 @@ def _environment(workers: int) -> Iterator[Env]:
         secret_file = workdir / "token.secret"
         secret_file.write_bytes(SECRET)
         secret_file.chmod(0o600)
-        env = Env(pg, workdir, url, secret_file, workers)
+        env = Env(pg, workdir, url, secret_file, workers, event_loop)
         yield env
     finally:
         if env is not None:
@@ -1017,6 +1022,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "PostgreSQL: the cores but one, %(default)s)",
     )
     parser.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the nodes' event loop, `vim-api --event-loop` (default %(default)s)",
+    )
+    parser.add_argument(
         "--callgrind",
         type=int,
         metavar="N",
@@ -1048,7 +1059,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     progress(f"API benchmark ({'quick' if args.quick else 'full'}): {settings}")
     try:
-        with _environment(args.workers) as env:
+        with _environment(args.workers, args.event_loop) as env:
             if args.callgrind is not None:
                 result = _instructions(env, max(10, min(args.callgrind, 100_000)))
                 result["operation"] = "allocate"
@@ -1062,6 +1073,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     result["quick"] = bool(args.quick)
     result["workers"] = args.workers
+    result["event_loop"] = args.event_loop
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     result["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     progress(f"done in {result['elapsed_s']} s")

@@ -438,7 +438,18 @@ def test_metrics_count_requests_by_method_and_code(node: Node) -> None:
     assert not missing, body
 
 
-def test_sigterm_ends_watch_with_unavailable_and_exits_zero(node: Node) -> None:
+@pytest.fixture(params=["uvloop", "asyncio"])
+def node_on_each_loop(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Node]:
+    n = start_node(tmp_path, "--insecure", "--event-loop", request.param)
+    try:
+        yield n
+    finally:
+        stop_node(n)
+
+
+def test_sigterm_ends_watch_with_unavailable_and_exits_zero(node_on_each_loop: Node) -> None:
+    """On either event loop (`--event-loop`): the signal handler, the drain, the exit."""
+    node = node_on_each_loop
     append(node.url, probe_registered("cmp-01"))
     with node.channel() as channel:
         stub = events_pb2_grpc.EventLogStub(channel)
@@ -453,6 +464,20 @@ def test_sigterm_ends_watch_with_unavailable_and_exits_zero(node: Node) -> None:
         assert "from position 1" in (err.value.details() or "")
     assert node.proc.wait(timeout=DEADLINE_S) == 0, node.logs()
     assert '"api node stopped"' in node.logs()
+
+
+def test_an_unknown_event_loop_from_the_environment_is_refused(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "vim.api.server", "--insecure", "--metrics-listen", "off"],
+        check=False,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE_S,
+        env=node_env(VIM_API_EVENT_LOOP="tokio"),
+    )
+    assert proc.returncode == 2
+    assert "--event-loop must be one of uvloop, asyncio, got 'tokio'" in proc.stderr
 
 
 def test_second_node_on_a_taken_port_fails_to_start(node: Node, tmp_path: Path) -> None:
