@@ -154,3 +154,31 @@ async def test_a_cancelled_caller_does_not_cancel_the_write() -> None:
     gate.set()
     await gc.close()
     assert written == ["server-a"]
+
+
+def test_a_shifted_outcome_keeps_every_field_but_its_positions() -> None:
+    """`postgres._shifted` builds the result field by field (no `dataclasses.replace`
+    on the hot path): a field added to AppendResult must not be lost there."""
+    from dataclasses import fields, replace
+    from datetime import UTC, datetime
+
+    from vim.eventlog.model import AppendResult
+    from vim.eventlog.postgres import _shifted
+
+    planned = AppendResult(
+        first_position=1,
+        last_position=3,
+        versions={"server-a": 2},
+        recorded_at=datetime(2026, 12, 4, tzinfo=UTC),
+        request_id="t:r1",
+        response={"serverId": "a"},
+        replayed=False,
+    )
+    others = [f for f in fields(planned) if f.name != "replayed"]  # only unreplayed shift
+    assert all(getattr(planned, f.name) != f.default for f in others), (
+        "set every field to a non-default value, or this test proves nothing"
+    )
+    shifted = _shifted(planned, 100)
+    assert shifted == replace(planned, first_position=101, last_position=103)
+    replayed = replace(planned, replayed=True)
+    assert _shifted(replayed, 100) is replayed

@@ -19,6 +19,17 @@ from collections.abc import Mapping
 from typing import Any, ClassVar, Self
 
 _REGISTRY: dict[str, type[DomainEvent]] = {}
+_FIELDS: dict[type[Any], tuple[tuple[str, ...], frozenset[str]]] = {}
+"""Per event class, its field names in order and as a set: `dataclasses.fields`
+walks the class's field table on every call (per event, twice per allocation)."""
+
+
+def _field_names(cls: type[Any]) -> tuple[tuple[str, ...], frozenset[str]]:
+    known = _FIELDS.get(cls)
+    if known is None:
+        names = tuple(f.name for f in dataclasses.fields(cls))
+        known = _FIELDS[cls] = (names, frozenset(names))
+    return known
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -43,11 +54,11 @@ class DomainEvent:
         return type(self).__name__
 
     def to_data(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {name: getattr(self, name) for name in _field_names(type(self))[0]}
 
     @classmethod
     def from_data(cls, data: Mapping[str, Any]) -> Self:
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = _field_names(cls)[1]
         return cls(**{k: v for k, v in data.items() if k in names})
 
 

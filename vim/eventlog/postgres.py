@@ -63,7 +63,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -471,9 +470,14 @@ def _write_params(w: BatchWrites, assumed: dict[str, int]) -> list[Any]:
 def _shifted(outcome: Outcome, base: int) -> Outcome:
     """An outcome planned with offsets, at its real positions (replays already are)."""
     if isinstance(outcome, AppendResult) and not outcome.replayed:
-        return replace(
-            outcome,
-            first_position=outcome.first_position + base,
-            last_position=outcome.last_position + base,
+        o = outcome  # built directly: `dataclasses.replace` costs ~10 µs per append
+        return AppendResult(
+            o.first_position + base,
+            o.last_position + base,
+            o.versions,
+            o.recorded_at,
+            o.request_id,
+            o.response,
+            o.replayed,
         )
     return outcome

@@ -119,6 +119,8 @@ class ReadModel:
 
     async def wait_for(self, position: int, within_s: float = 5.0) -> None:
         """Return once `position` is applied; UNAVAILABLE if the log does not get there."""
+        if self.position >= position:
+            return  # no timer to arm and cancel
         try:
             async with asyncio.timeout(within_s):
                 while self.position < position:
