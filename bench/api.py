@@ -6,7 +6,9 @@ minutes). Method:
 * One fresh PostgreSQL 15 server from ``vim.harness.postgres`` with durable settings
   (``fsync``, ``synchronous_commit``, ``full_page_writes`` on; checked with ``SHOW``),
   one migrated database, and ``vim-api`` node processes (``--insecure`` plaintext,
-  random ports, metrics off) on that database: first one node, later three.
+  random ports, metrics off) on that database: first one node, later three. The
+  nodes run on vim-api's default event loop, uvloop (``--event-loop asyncio``
+  compares); the load generators on asyncio.
 * A public flavour and image are created first (admin). The measured operation is
   ``vim.v1.Compute/AllocateCompute`` (``--operation create_flavour`` measures the admin
   ``CreateFlavour`` instead). A response means the server's events are committed and
