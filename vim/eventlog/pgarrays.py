@@ -17,7 +17,9 @@ no dimensions.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from psycopg import adapters
 from psycopg.adapt import Dumper
@@ -90,41 +92,22 @@ def _fixed_size(values: list[int], element_oid: int, code: str, size: int) -> by
     return _header(n, element_oid) + struct.pack(">" + ("i" + code) * n, *interleaved)
 
 
-class _TextArrayDumper(Dumper):
-    format = Format.BINARY
-    oid = TEXT_ARRAY_OID
+def _dumper(array_oid: int, dump: Callable[[Any], bytes]) -> type[Dumper]:
+    """A binary psycopg dumper giving `array_oid` and the bytes of `dump`."""
 
-    def dump(self, obj: list[str]) -> bytes:
-        return dump_text(obj)
+    class _ArrayDumper(Dumper):
+        format = Format.BINARY
+        oid = array_oid
 
+        def dump(self, obj: Any) -> bytes:
+            return dump(obj)
 
-class _Int4ArrayDumper(Dumper):
-    format = Format.BINARY
-    oid = INT4_ARRAY_OID
-
-    def dump(self, obj: list[int]) -> bytes:
-        return dump_int4(obj)
-
-
-class _Int8ArrayDumper(Dumper):
-    format = Format.BINARY
-    oid = INT8_ARRAY_OID
-
-    def dump(self, obj: list[int]) -> bytes:
-        return dump_int8(obj)
-
-
-class _TimestamptzArrayDumper(Dumper):
-    format = Format.BINARY
-    oid = TIMESTAMPTZ_ARRAY_OID
-
-    def dump(self, obj: list[datetime]) -> bytes:
-        return dump_timestamptz(obj)
+    return _ArrayDumper
 
 
 def register() -> None:
     """Make every connection opened from now on dump the wrapped lists this way."""
-    adapters.register_dumper(TextArray, _TextArrayDumper)
-    adapters.register_dumper(Int4Array, _Int4ArrayDumper)
-    adapters.register_dumper(Int8Array, _Int8ArrayDumper)
-    adapters.register_dumper(TimestamptzArray, _TimestamptzArrayDumper)
+    adapters.register_dumper(TextArray, _dumper(TEXT_ARRAY_OID, dump_text))
+    adapters.register_dumper(Int4Array, _dumper(INT4_ARRAY_OID, dump_int4))
+    adapters.register_dumper(Int8Array, _dumper(INT8_ARRAY_OID, dump_int8))
+    adapters.register_dumper(TimestamptzArray, _dumper(TIMESTAMPTZ_ARRAY_OID, dump_timestamptz))
