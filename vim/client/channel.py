@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
@@ -354,8 +354,12 @@ class UnaryStream(Generic[Req, Resp]):
                 **grpc_kwargs,
             )
             handle.current = call
+            # The call's own async generator, closed below: left suspended, it would be
+            # closed by the loop's finaliser whenever it is collected, possibly while the
+            # loop shuts down, where that close task was seen to hang loop shutdown.
+            incoming = cast(AsyncGenerator[Any, None], call.__aiter__())
             try:
-                async for message in call:
+                async for message in incoming:
                     received, attempt = True, 0
                     position = getattr(message, "position", None)
                     if resumable and isinstance(position, int):
@@ -378,6 +382,7 @@ class UnaryStream(Generic[Req, Resp]):
             finally:
                 handle.current = None
                 call.cancel()
+                await incoming.aclose()
 
 
 class RetryingChannel(grpc.aio.Channel):
