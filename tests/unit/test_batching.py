@@ -156,6 +156,63 @@ async def test_a_cancelled_caller_does_not_cancel_the_write() -> None:
     assert written == ["server-a"]
 
 
+def gathering(sizes: list[int], **knobs: float) -> GroupCommitter:
+    """A committer whose writes succeed at once and record their batch sizes."""
+
+    async def write(batch: list[PreparedAppend]) -> list[object]:
+        sizes.append(len(batch))
+        return [AppendResult(1, 1, {}, NOW) for _ in batch]
+
+    return GroupCommitter(
+        write,  # type: ignore[arg-type]
+        max_appends=10,
+        max_events=100,
+        **knobs,  # type: ignore[arg-type]
+    )
+
+
+async def submit_after(gc: GroupCommitter, turns: int, stream: str) -> AppendResult:
+    """Submit after the loop has turned `turns` times (a request still being handled)."""
+    for _ in range(turns):
+        await asyncio.sleep(0)
+    return await gc.submit(prep(stream, 0))
+
+
+async def test_the_writer_gathers_appends_made_while_the_loop_is_busy() -> None:
+    """Appends made over the next few loop turns join the first batch; without
+    gathering the first one is written alone."""
+    for turns, expected in ((128, [4]), (0, [1, 1, 1, 1])):
+        sizes: list[int] = []
+        gc = gathering(sizes, gather_turns=turns, gather_idle_turns=8)
+        async with asyncio.timeout(5):
+            await asyncio.gather(*(submit_after(gc, 2 * i, f"server-{i}") for i in range(4)))
+        await gc.close()
+        assert sizes == expected, (turns, sizes)
+
+
+async def test_gathering_stops_after_idle_turns_and_at_its_bounds() -> None:
+    # Nothing queued for 8 turns: the first append goes alone.
+    sizes: list[int] = []
+    gc = gathering(sizes, gather_turns=128, gather_idle_turns=8)
+    async with asyncio.timeout(5):
+        await asyncio.gather(submit_after(gc, 0, "server-a"), submit_after(gc, 30, "server-b"))
+    assert sizes == [1, 1]
+
+    # A loop that never stops queueing: the turn limit ends the gathering...
+    sizes = []
+    gc = gathering(sizes, gather_turns=5, gather_idle_turns=8)
+    async with asyncio.timeout(5):
+        await asyncio.gather(*(submit_after(gc, i, f"server-{i}") for i in range(10)))
+    assert sizes[0] <= 6 and sum(sizes) == 10, sizes
+
+    # ...and so does the time limit (0: the first turn).
+    sizes = []
+    gc = gathering(sizes, gather_turns=128, gather_idle_turns=8, gather_max_s=0.0)
+    async with asyncio.timeout(5):
+        await asyncio.gather(*(submit_after(gc, i, f"server-{i}") for i in range(10)))
+    assert sizes[0] <= 2 and sum(sizes) == 10, sizes
+
+
 def test_a_shifted_outcome_keeps_every_field_but_its_positions() -> None:
     """`postgres._shifted` builds the result field by field (no `dataclasses.replace`
     on the hot path): a field added to AppendResult must not be lost there."""

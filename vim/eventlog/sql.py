@@ -141,6 +141,9 @@ class SqlEventLog:
             self._write_batch,
             max_appends=config.max_batch_appends,
             max_events=config.max_batch_events,
+            gather_turns=config.commit_gather_turns,
+            gather_idle_turns=config.commit_gather_idle_turns,
+            gather_max_s=config.commit_gather_max_s,
         )
         self._recent = _Recent(config.recent_events)
         self._known_head = 0

@@ -27,6 +27,12 @@ class EventLogConfig:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     max_batch_appends: int = 256
     max_batch_events: int = 5000
+    commit_gather_turns: int = 128
+    """Event loop turns a write may let run first so that appends being made join its
+    batch (0: none); it stops after `commit_gather_idle_turns` turns without a new
+    append or after `commit_gather_max_s`. See `GroupCommitter`."""
+    commit_gather_idle_turns: int = 8
+    commit_gather_max_s: float = 0.01
     read_batch: int = 500
     poll_interval_s: float = 0.5
     retry_backoff_s: float = 0.2
@@ -34,6 +40,20 @@ class EventLogConfig:
     connect_timeout_s: float = 5.0
     recent_events: int = 4096
     """How many of its own last appended events a process keeps for its subscriptions."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.commit_gather_turns <= 100_000:
+            raise ValueError(
+                f"commit_gather_turns must be 0-100000, not {self.commit_gather_turns}"
+            )
+        if self.commit_gather_idle_turns < 1:
+            raise ValueError(
+                f"commit_gather_idle_turns must be at least 1, not {self.commit_gather_idle_turns}"
+            )
+        if not 0.0 <= self.commit_gather_max_s <= 1.0:  # also refuses NaN
+            raise ValueError(
+                f"commit_gather_max_s must be within 0-1 s, not {self.commit_gather_max_s}"
+            )
 
 
 class Subscription(Protocol):
