@@ -169,7 +169,7 @@ class GroupCommitter:
         max_appends: int,
         max_events: int,
         gather_turns: int = 0,
-        gather_idle_turns: int = 8,
+        gather_idle_turns: int = 16,
         gather_max_s: float = 0.01,
     ) -> None:
         self._write = write

@@ -31,7 +31,7 @@ class EventLogConfig:
     """Event loop turns a write may let run first so that appends being made join its
     batch (0: none); it stops after `commit_gather_idle_turns` turns without a new
     append or after `commit_gather_max_s`. See `GroupCommitter`."""
-    commit_gather_idle_turns: int = 8
+    commit_gather_idle_turns: int = 16
     commit_gather_max_s: float = 0.01
     read_batch: int = 500
     poll_interval_s: float = 0.5
