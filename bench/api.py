@@ -387,6 +387,8 @@ class NodeProc:
     callgrind_to: Path | None = None
     """Run the node under `valgrind --tool=callgrind`, instrumentation off until asked."""
     event_loop: str = "uvloop"
+    extra_args: tuple[str, ...] = ()
+    """More `vim-api` flags (the gathering comparison's `--commit-gather-turns 0`)."""
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
 
@@ -412,6 +414,7 @@ class NodeProc:
             *("--metrics-listen", "off", "--grace", "1", "--port-file", str(port_file)),
             *("--eventlog-url", self.url, "--auth-secret-file", str(secret_file)),
             *("--workers", str(self.workers), "--event-loop", self.event_loop),
+            *self.extra_args,
         ]
         env = {k: v for k, v in os.environ.items() if not k.startswith("VIM_")}
         with (self.workdir / f"{self.name}.log").open("ab") as sink:
@@ -486,13 +489,23 @@ class Env:
     """Failed calls in open-loop runs (expected only when the offered rate overloads)."""
 
     def add_node(
-        self, profile_to: Path | None = None, callgrind_to: Path | None = None
+        self,
+        profile_to: Path | None = None,
+        callgrind_to: Path | None = None,
+        extra_args: tuple[str, ...] = (),
     ) -> NodeProc:
         one = profile_to is not None or callgrind_to is not None
         workers = 1 if one else self.workers
         name = f"node{len(self.nodes) + 1}"
         node = NodeProc(
-            name, self.workdir, self.url, profile_to, workers, callgrind_to, self.event_loop
+            name,
+            self.workdir,
+            self.url,
+            profile_to,
+            workers,
+            callgrind_to,
+            self.event_loop,
+            extra_args,
         )
         self.nodes.append(node)
         node.start(self.secret_file)
@@ -866,6 +879,59 @@ def _measure(
     return _result(env, settings, operation, runs, facts)
 
 
+def _compare_gathering(env: Env, settings: Settings, rounds: int) -> dict[str, Any]:
+    """Closed-loop allocations on two nodes of the same log, one gathering before each
+    write (the default) and one not (`--commit-gather-turns 0`), in alternating runs
+    (the order flips every round, so neither always runs second): the ratio of each
+    round's two rates, and PostgreSQL's commits per allocation."""
+    on = env.add_node()
+    off = env.add_node(extra_args=("--commit-gather-turns", "0"))
+    env.catalogue = asyncio.run(_create_catalogue(on.address))
+    runs: dict[str, list[Run]] = {"gather_on": [], "gather_off": []}
+    commits: dict[str, list[float]] = {"gather_on": [], "gather_off": []}
+    for r in range(rounds):
+        progress(f"round {r + 1}/{rounds}: gathering on and off, closed loop")
+        order = [("gather_on", on), ("gather_off", off)]
+        for name, node in order if r % 2 == 0 else order[::-1]:
+            before = _commits(env.pg)
+            acked = env.acked_allocations
+            run = _run_load(
+                env,
+                [node],
+                name=name,
+                operation="allocate",
+                mode="closed",
+                settings=settings,
+                measure_s=settings.measure_s,
+            )
+            runs[name].append(run)
+            done = env.acked_allocations - acked
+            commits[name].append(round((_commits(env.pg) - before) / max(1, done), 3))
+    ratios = [
+        round(ratio(a.per_s, b.per_s), 3)
+        for a, b in zip(runs["gather_on"], runs["gather_off"], strict=True)
+    ]
+    return {
+        "gather_ratio_rps": median(ratios),
+        "gather_ratios_per_round": ratios,
+        "rps_gather_on": round(median([r.per_s for r in runs["gather_on"]]), 1),
+        "rps_gather_off": round(median([r.per_s for r in runs["gather_off"]]), 1),
+        "commits_per_allocation": {k: median(v) for k, v in commits.items()},
+        "checks": {"no_failed_calls_closed_loop": env.failures == 0},
+        "runs": {name: [r.to_json() for r in rs] for name, rs in runs.items()},
+        "settings": asdict(settings),
+        "cpus": os.cpu_count(),
+    }
+
+
+def _commits(pg: PostgresServer) -> int:
+    """Transactions committed in the whole cluster so far (both nodes' writes and
+    everything else: the same overhead is counted on both sides)."""
+    with psycopg.connect(pg.dsn(DB), autocommit=True, connect_timeout=10) as conn:
+        row = conn.execute("SELECT sum(xact_commit) FROM pg_stat_database").fetchone()
+    return int(row[0]) if row else 0
+
+
 def _profile(env: Env, settings: Settings, operation: str, out: Path) -> dict[str, Any]:
     """One closed-loop run against a node under cProfile; the hottest functions."""
     n1 = env.add_node(profile_to=out)
@@ -1037,6 +1103,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(N Health/Check, then N AllocateCompute calls; needs valgrind)",
     )
     parser.add_argument(
+        "--compare-gather",
+        action="store_true",
+        help="only compare closed-loop allocations with and without gathering before "
+        "each log write, in alternating runs (rounds: --rounds, default 4)",
+    )
+    parser.add_argument(
         "--closed-only",
         action="store_true",
         help="only the one-node closed-loop runs (allocation and health), for iterating",
@@ -1064,6 +1136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _environment(args.workers, args.event_loop) as env:
             if args.callgrind is not None:
                 result = _instructions(env, max(10, min(args.callgrind, 100_000)))
+                result["operation"] = "allocate"
+            elif args.compare_gather:
+                result = _compare_gathering(env, settings, args.rounds or 4)
                 result["operation"] = "allocate"
             elif args.profile is not None:
                 result = _profile(env, settings, args.operation, args.profile.resolve())

@@ -71,7 +71,12 @@ from vim.api.node import Node
 from vim.app.commands import CommandRunner
 from vim.errors import VimError
 from vim.eventlog.sql import SqlEventLog
-from vim.eventlog.store import EventLog
+from vim.eventlog.store import (
+    DEFAULT_COMMIT_GATHER_TURNS,
+    MAX_COMMIT_GATHER_TURNS,
+    EventLog,
+    EventLogConfig,
+)
 from vim.projections.readmodel import Projector
 from vim.sdnotify import Notifier, keep_pinging
 
@@ -112,6 +117,10 @@ class ApiConfig:
     event_loop: str = "uvloop"
     """`uvloop` (libuv) or `asyncio` (the standard library's selector loop); see
     `run_event_loop`."""
+    commit_gather_turns: int = DEFAULT_COMMIT_GATHER_TURNS
+    """Event loop turns the log's writer lets run before a write so that appends being
+    made join its batch (`vim-api --commit-gather-turns`, 0: none); see
+    `vim.eventlog.batching.GroupCommitter`."""
 
 
 EVENT_LOOPS = ("uvloop", "asyncio")
@@ -273,7 +282,10 @@ class ApiNode:
         cfg = self.config
         if self._log is None:
             _ensure_sqlite_dir(cfg.eventlog_url)
-            self._log = await SqlEventLog.open(cfg.eventlog_url)
+            self._log = await SqlEventLog.open(
+                cfg.eventlog_url,
+                config=EventLogConfig(commit_gather_turns=cfg.commit_gather_turns),
+            )
         self._projector = Projector(self._log)
         await self._projector.catch_up()
         self._projector.start()
@@ -444,6 +456,13 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ApiConfig, str]:
         default=env("VIM_API_EVENT_LOOP", "uvloop"),
         help="the asyncio event loop implementation (env VIM_API_EVENT_LOOP; default %(default)s)",
     )
+    p.add_argument(
+        "--commit-gather-turns",
+        type=int,
+        default=int(env("VIM_API_COMMIT_GATHER_TURNS", "") or DEFAULT_COMMIT_GATHER_TURNS),
+        help="event loop turns a log write lets run first so that appends being made join "
+        "its batch, 0 for none (env VIM_API_COMMIT_GATHER_TURNS; default %(default)s)",
+    )
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -452,6 +471,11 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ApiConfig, str]:
         p.error(f"--workers must be 1-64, got {workers}")
     if a.event_loop not in EVENT_LOOPS:  # from the environment: argparse checks flags only
         p.error(f"--event-loop must be one of {', '.join(EVENT_LOOPS)}, got {a.event_loop!r}")
+    if not 0 <= a.commit_gather_turns <= MAX_COMMIT_GATHER_TURNS:
+        p.error(
+            f"--commit-gather-turns must be 0-{MAX_COMMIT_GATHER_TURNS}, "
+            f"got {a.commit_gather_turns}"
+        )
     _check_tls_arguments(p, a)
     secret = env("VIM_AUTH_SECRET", "").encode()
     if a.auth_secret_file:
@@ -473,6 +497,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ApiConfig, str]:
         reuse_port=a.reuse_port,
         worker_index=a.worker_index,
         event_loop=a.event_loop,
+        commit_gather_turns=a.commit_gather_turns,
     )
     return config, a.log_level
 

@@ -19,6 +19,9 @@ from vim.eventlog.model import (
     RecordedEvent,
 )
 
+DEFAULT_COMMIT_GATHER_TURNS = 128
+MAX_COMMIT_GATHER_TURNS = 100_000
+
 
 @dataclass(frozen=True, slots=True)
 class EventLogConfig:
@@ -27,7 +30,7 @@ class EventLogConfig:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
     max_batch_appends: int = 256
     max_batch_events: int = 5000
-    commit_gather_turns: int = 128
+    commit_gather_turns: int = DEFAULT_COMMIT_GATHER_TURNS
     """Event loop turns a write may let run first so that appends being made join its
     batch (0: none); it stops after `commit_gather_idle_turns` turns without a new
     append or after `commit_gather_max_s`. See `GroupCommitter`."""
