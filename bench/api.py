@@ -883,7 +883,7 @@ def _compare_gathering(env: Env, settings: Settings, rounds: int) -> dict[str, A
     """Closed-loop allocations on two nodes of the same log, one gathering before each
     write (the default) and one not (`--commit-gather-turns 0`), in alternating runs
     (the order flips every round, so neither always runs second): the ratio of each
-    round's two rates, and PostgreSQL's commits per allocation."""
+    round's two rates, and PostgreSQL transactions per allocation."""
     on = env.add_node()
     off = env.add_node(extra_args=("--commit-gather-turns", "0"))
     env.catalogue = asyncio.run(_create_catalogue(on.address))
@@ -916,7 +916,7 @@ def _compare_gathering(env: Env, settings: Settings, rounds: int) -> dict[str, A
         "gather_ratios_per_round": ratios,
         "rps_gather_on": round(median([r.per_s for r in runs["gather_on"]]), 1),
         "rps_gather_off": round(median([r.per_s for r in runs["gather_off"]]), 1),
-        "commits_per_allocation": {k: median(v) for k, v in commits.items()},
+        "pg_transactions_per_allocation": {k: median(v) for k, v in commits.items()},
         "checks": {"no_failed_calls_closed_loop": env.failures == 0},
         "runs": {name: [r.to_json() for r in rs] for name, rs in runs.items()},
         "settings": asdict(settings),
@@ -925,8 +925,9 @@ def _compare_gathering(env: Env, settings: Settings, rounds: int) -> dict[str, A
 
 
 def _commits(pg: PostgresServer) -> int:
-    """Transactions committed in the whole cluster so far (both nodes' writes and
-    everything else: the same overhead is counted on both sides)."""
+    """Transactions committed in the whole cluster so far: both nodes' writes, and
+    their reads too (each statement outside a transaction commits one), such as the
+    idle node's reads of the other's events; counted alike on both sides."""
     with psycopg.connect(pg.dsn(DB), autocommit=True, connect_timeout=10) as conn:
         row = conn.execute("SELECT sum(xact_commit) FROM pg_stat_database").fetchone()
     return int(row[0]) if row else 0
