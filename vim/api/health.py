@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 SERVICE_NAME: str = health.SERVICE_NAME
@@ -32,7 +31,7 @@ class Health:
         self.servicer: Any = health.aio.HealthServicer()
         self._names: list[str] = [OVERALL]
 
-    def add_to(self, server: grpc.aio.Server) -> None:
+    def add_to(self, server: Any) -> None:
         """Register the health service on `server` (before it starts)."""
         health_pb2_grpc.add_HealthServicer_to_server(self.servicer, server)
 
