@@ -52,3 +52,26 @@ def test_out_of_range_gather_turns_are_refused(
 def test_the_event_log_config_refuses_bad_gathering(knobs: dict[str, float], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         EventLogConfig(**knobs)  # type: ignore[arg-type]
+
+
+def test_a_non_number_in_the_environment_is_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("VIM_API_COMMIT_GATHER_TURNS", "lots")
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--insecure"])
+    assert exit_.value.code == 2
+    assert "--commit-gather-turns: invalid int value: 'lots'" in capsys.readouterr().err
+
+
+def test_workers_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("VIM_API_WORKERS", "3")
+    assert parse_args(["--insecure"])[0].workers == 3
+    assert parse_args(["--insecure", "--workers", "2"])[0].workers == 2
+    monkeypatch.setenv("VIM_API_WORKERS", "many")
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(["--insecure"])
+    assert exit_.value.code == 2
+    assert "VIM_API_WORKERS must be a number of workers, got 'many'" in capsys.readouterr().err

@@ -477,7 +477,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ApiConfig, str]:
     p.add_argument(
         "--workers",
         type=int,
-        default=int(env("VIM_API_WORKERS", "0") or 0) or None,
+        default=None,
         help="processes serving this node on one port (SO_REUSEPORT), each with its own "
         "read model and pool (env VIM_API_WORKERS; default: the number of cores with "
         "PostgreSQL, 1 with SQLite)",
@@ -491,13 +491,20 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[ApiConfig, str]:
     p.add_argument(
         "--commit-gather-turns",
         type=int,
-        default=int(env("VIM_API_COMMIT_GATHER_TURNS", "") or DEFAULT_COMMIT_GATHER_TURNS),
+        # A string default goes through `type` too: a bad value is a usage error.
+        default=env("VIM_API_COMMIT_GATHER_TURNS") or str(DEFAULT_COMMIT_GATHER_TURNS),
         help="event loop turns a log write lets run first so that appends being made join "
         "its batch, 0 for none (env VIM_API_COMMIT_GATHER_TURNS; default %(default)s)",
     )
     p.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    workers_env = env("VIM_API_WORKERS", "").strip()
+    if a.workers is None and workers_env:  # 0 means the default, as no value does
+        try:
+            a.workers = int(workers_env) or None
+        except ValueError:
+            p.error(f"VIM_API_WORKERS must be a number of workers, got {workers_env!r}")
     workers = a.workers if a.workers is not None else default_workers(a.eventlog_url)
     if not 1 <= workers <= 64:
         p.error(f"--workers must be 1-64, got {workers}")
